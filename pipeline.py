@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Merge DeepSeek-V3/R1: FP8 checkpoint + Q4_K_M GGUF -> one self-describing model folder.
+
+    python pipeline.py run                 # the embedded tiny model -> out/tiny-deepseek-v3/
+    python pipeline.py run --manifest manifests/deepseek-v3.yaml --out /data/dsv3-hybrid
+    python pipeline.py status
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from stages import STAGES
+from stages.dag import Context, all_status, run_stages
+from stages.errors import PipelineError
+from stages.manifest import load_manifest
+from stages.ui import console
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MANIFEST = ROOT / "manifests" / "tiny-deepseek-v3.yaml"
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+def make_context(manifest_path, out, keep_mtp=None, bwlimit=None) -> Context:
+    m = load_manifest(Path(manifest_path))
+    out_dir = Path(out).resolve() if out else (m.output or ROOT / "out" / m.name)
+    return Context(manifest=m, out=out_dir, keep_mtp=m.keep_mtp if keep_mtp is None else keep_mtp, bwlimit=bwlimit)
+
+
+def main_guard(fn):
+    """User errors: one clear line (per problem), exit 2 for bad input; no traceback."""
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as e:
+            for line in str(e).splitlines():
+                console.print(f"[bold red]error:[/] {line}", soft_wrap=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted: rerun to resume where it stopped[/]")
+            sys.exit(130)
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+manifest_option = click.option("--manifest", "manifest_path", default=str(DEFAULT_MANIFEST), show_default=True,
+                               type=click.Path(dir_okay=False), help="Manifest YAML naming the sources.")
+out_option = click.option("--out", type=click.Path(file_okay=False), help="Output folder (overrides `output`).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """Turn an FP8 DeepSeek-V3/R1 checkpoint plus a GGUF into one merged model folder."""
+
+
+@cli.command()
+@manifest_option
+@out_option
+@click.option("--from", "start", type=click.Choice(STAGE_NAMES), help="Redo this stage and everything after it.")
+@click.option("--only", type=click.Choice(STAGE_NAMES), help="Run this stage alone (its inputs must be done).")
+@click.option("--force", is_flag=True, help="Redo the selected stages even if their inputs are unchanged.")
+@click.option("--keep-mtp/--no-keep-mtp", default=None, help="Keep the MTP layer (default: the manifest's keep_mtp, "
+                                                             "else skipped).")
+@click.option("--bwlimit", type=float, metavar="MB/S", help="Cap the write rate, leaving disk bandwidth to others.")
+@json_option
+@main_guard
+def run(manifest_path, out, start, only, force, keep_mtp, bwlimit, as_json):
+    """Run the pipeline: skip what is done, redo what is stale, resume what was interrupted."""
+    ctx = make_context(manifest_path, out, keep_mtp, bwlimit)
+    console.print(f"[bold]{ctx.manifest.name}[/] -> {ctx.out}")
+    events = run_stages(ctx, STAGES, start=start, only=only, force=force)
+    if as_json:
+        print(json.dumps({"manifest": str(ctx.manifest.path), "out": str(ctx.out), "stages": events}))
+
+
+@cli.command()
+@manifest_option
+@out_option
+@json_option
+@main_guard
+def status(manifest_path, out, as_json):
+    """Show each stage: done / stale (and why) / pending, when, how long, what it produced."""
+    ctx = make_context(manifest_path, out)
+    statuses = all_status(ctx, STAGES) if ctx.out.exists() else {}
+    rows = []
+    for s in STAGES:
+        st = statuses.get(s.name)
+        rec = (st.record if st else None) or {}
+        rows.append({"stage": s.name, "state": st.state if st else "pending",
+                     "why": (st.why if st else "output folder does not exist yet"),
+                     "when": rec.get("started", ""), "seconds": rec.get("seconds"), "produced": rec.get("summary", "")})
+    if as_json:
+        print(json.dumps({"out": str(ctx.out), "stages": rows}))
+        return
+    table = Table(title=f"{ctx.manifest.name} -> {ctx.out}")
+    for col in ("stage", "state", "when", "took", "produced / why"):
+        table.add_column(col)
+    colour = {"done": "green", "stale": "yellow", "pending": "dim", "interrupted": "red"}
+    for r in rows:
+        took = f"{r['seconds']:.1f} s" if r["seconds"] is not None else ""
+        detail = r["produced"] if r["state"] == "done" else r["why"]
+        table.add_row(r["stage"], f"[{colour[r['state']]}]{r['state']}[/]", r["when"], took, detail)
+    console.print(table)
+
+
+@cli.command()
+@json_option
+def stages(as_json):
+    """List the stages with their inputs and outputs."""
+    if as_json:
+        print(json.dumps([{"stage": s.name, "needs": list(s.needs), "inputs": s.inputs, "outputs": s.outputs,
+                           "version": s.version} for s in STAGES]))
+        return
+    table = Table(title="stages (in DAG order)")
+    for col in ("stage", "needs", "inputs", "outputs"):
+        table.add_column(col)
+    for s in STAGES:
+        table.add_row(s.name, ", ".join(s.needs) or "-", s.inputs, s.outputs)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,174 @@
+"""The DAG runner: fingerprints, skip/stale decisions, stage records, the order of stages.
+
+A stage is a pure-ish function of its inputs. Its record (`<out>/.pipeline/<stage>.json`) holds the fingerprint of
+those inputs (manifest section, source identities, upstream results, code version) and what it wrote. A stage is
+*done* when the fingerprint is unchanged and every output is still there, untouched (size and mtime).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import PipelineError
+from .fsio import OutputLock, claim_output, clean_tmp, hash_bytes, read_json, state_dir, write_json
+from .manifest import Manifest
+from .ui import console
+
+
+@dataclass
+class Context:
+    manifest: Manifest
+    out: Path
+    keep_mtp: bool = False
+    bwlimit: float | None = None          # MB/s cap on writes (leave disk bandwidth to others)
+
+    def record_path(self, stage: str) -> Path:
+        return state_dir(self.out) / f"{stage}.json"
+
+    def record(self, stage: str) -> dict | None:
+        p = self.record_path(stage)
+        return read_json(p) if p.exists() else None
+
+    def result(self, stage: str) -> dict:
+        """The main result file of a finished upstream stage (e.g. sources.json, plan.json)."""
+        rec = self.record(stage)
+        return read_json(self.out / rec["result"])
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]
+    inputs: str
+    outputs: str
+    version: int
+    fingerprint: Callable[[Context], dict]     # cheap: never reads tensor data
+    run: Callable[[Context], "Result"]
+
+
+@dataclass
+class Result:
+    result: str                               # relative path of the main result file (its hash feeds downstream)
+    outputs: list[str]                        # relative paths of every file the stage owns
+    summary: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Status:
+    stage: str
+    state: str                                # done | stale | pending | interrupted
+    why: str = ""
+    record: dict | None = None
+
+
+def digest(obj) -> str:
+    return hash_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def full_fingerprint(ctx: Context, stage: Stage) -> dict:
+    fp = {"code": stage.version, **stage.fingerprint(ctx)}
+    for up in stage.needs:
+        fp[f"upstream.{up}"] = ctx.record(up)["result_digest"]
+    return fp
+
+
+def outputs_intact(ctx: Context, record: dict) -> str:
+    for rel, info in record.get("outputs", {}).items():
+        try:
+            st = (ctx.out / rel).stat()
+        except FileNotFoundError:
+            return f"output {rel} is missing"
+        if st.st_size != info["size"] or st.st_mtime_ns != info["mtime_ns"]:
+            return f"output {rel} was changed"
+    return ""
+
+
+def stage_status(ctx: Context, stage: Stage, upstream: dict[str, Status]) -> Status:
+    rec = ctx.record(stage.name)
+    for up in stage.needs:
+        if upstream[up].state != "done":
+            state = "pending" if rec is None else "stale"
+            return Status(stage.name, state, f"waits for {up} ({upstream[up].state})", rec)
+    if rec is None:
+        return Status(stage.name, "pending", "never ran")
+    if rec.get("state") == "running":
+        return Status(stage.name, "interrupted", f"run started {rec.get('started', '?')} did not finish", rec)
+    now = full_fingerprint(ctx, stage)
+    old = rec.get("fingerprint", {})
+    changed = [k for k in sorted(set(now) | set(old)) if now.get(k) != old.get(k)]
+    if changed:
+        why = ", ".join("code version %s -> %s" % (old.get(k), now.get(k)) if k == "code" else f"{k} changed"
+                        for k in changed)
+        return Status(stage.name, "stale", why, rec)
+    broken = outputs_intact(ctx, rec)
+    if broken:
+        return Status(stage.name, "stale", broken, rec)
+    return Status(stage.name, "done", "", rec)
+
+
+def all_status(ctx: Context, stages: list[Stage]) -> dict[str, Status]:
+    out: dict[str, Status] = {}
+    for s in stages:
+        out[s.name] = stage_status(ctx, s, out)
+    return out
+
+
+def execute(ctx: Context, stage: Stage) -> dict:
+    fingerprint = full_fingerprint(ctx, stage)
+    started = time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    write_json(ctx.record_path(stage.name), {"stage": stage.name, "state": "running", "pid": os.getpid(),
+                                              "started": stamp}, ctx.out)
+    res = stage.run(ctx)
+    outputs = {}
+    for rel in res.outputs:
+        st = (ctx.out / rel).stat()
+        outputs[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    result_digest = hash_bytes((ctx.out / res.result).read_bytes())
+    record = {"stage": stage.name, "state": "done", "started": stamp, "seconds": round(time.time() - started, 3),
+              "fingerprint": fingerprint, "result": res.result, "result_digest": result_digest,
+              "outputs": outputs, "summary": res.summary, **res.extra}
+    write_json(ctx.record_path(stage.name), record, ctx.out)
+    return record
+
+
+def run_stages(ctx: Context, stages: list[Stage], start: str | None = None, only: str | None = None,
+               force: bool = False) -> list[dict]:
+    """Run what is not done, in order. Returns one event per stage (for --json)."""
+    names = [s.name for s in stages]
+    for opt, value in (("--from", start), ("--only", only)):
+        if value is not None and value not in names:
+            raise PipelineError(f"{opt} {value}: unknown stage (stages: {', '.join(names)})")
+    claim_output(ctx.out)
+    events = []
+    with OutputLock(ctx.out):
+        clean_tmp(ctx.out)
+        statuses: dict[str, Status] = {}
+        for i, stage in enumerate(stages):
+            st = stage_status(ctx, stage, statuses)
+            forced = force if only is None or only == stage.name else False
+            forced |= start is not None and i >= names.index(start)
+            if only is not None and stage.name != only:
+                statuses[stage.name] = st
+                continue
+            if st.state == "done" and not forced:
+                console.print(f"[green]✓[/] {stage.name}: done, inputs unchanged (skipped)")
+                events.append({"stage": stage.name, "action": "skipped", "summary": st.record.get("summary", "")})
+                statuses[stage.name] = st
+                continue
+            for up in stage.needs:
+                if statuses[up].state != "done":
+                    raise PipelineError(f"stage {stage.name} needs {up}, which is {statuses[up].state}; "
+                                        f"run `python pipeline.py run` without --only")
+            why = "forced" if (forced and st.state == "done") else (st.why or st.state)
+            console.print(f"[bold cyan]▶[/] {stage.name}: running ({why})")
+            rec = execute(ctx, stage)
+            console.print(f"[green]✓[/] {stage.name}: {rec['summary']} [dim]({rec['seconds']:.1f} s)[/]")
+            events.append({"stage": stage.name, "action": "ran", "seconds": rec["seconds"], "summary": rec["summary"]})
+            statuses[stage.name] = Status(stage.name, "done", "", rec)
+    return events

@@ -1,0 +1,190 @@
+"""fetch: make both sources present on local disk and record what they are.
+
+`local:` sources are validated in place (nothing is copied). `repo:` sources come through huggingface_hub into its
+cache (HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE honoured; partial downloads resume), with allow_patterns so
+only the needed files travel. The result, `.pipeline/sources.json`, lists every file with its size and a content
+hash (local) or the hub commit it came from (repo), so downstream stages rerun only when content really changes.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from pathlib import Path
+
+from .dag import Context, Result, Stage
+from .errors import PipelineError
+from .formats import check_split_set, gguf_sets
+from .fsio import hash_file, read_json, state_dir, write_json
+from .manifest import Source
+from .ui import byte_progress, console
+
+VERSION = 1
+RESULT = ".pipeline/sources.json"
+FP8_PATTERNS = ["config.json", "generation_config.json", "model.safetensors.index.json", "*.safetensors",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
+DOWNLOAD_ATTEMPTS = 3
+
+
+# -- local sources: what must be there ----------------------------------------------------------------------------
+
+def fp8_files(src: Source, root: Path) -> list[str]:
+    """Relative names of the checkpoint files to use, after checking the folder looks like an HF checkpoint."""
+    where = f"sources.fp8 ({root})"
+    if root.is_file():
+        kind = "a GGUF file" if root.suffix == ".gguf" else "a file"
+        raise PipelineError(f"{where}: is {kind}; sources.fp8 wants the FP8 checkpoint folder (config.json + shards)")
+    if not root.is_dir():
+        raise PipelineError(f"{where}: no such folder")
+    if not (root / "config.json").is_file():
+        ggufs = sorted(p.name for p in root.glob("*.gguf"))
+        hint = f" (it holds {ggufs[0]}: did you swap sources.fp8 and sources.gguf?)" if ggufs else ""
+        raise PipelineError(f"{where}: no config.json: not an HF checkpoint folder{hint}")
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise PipelineError(f"{index}: not a safetensors index (no weight_map)") from None
+        missing = [s for s in shards if not (root / s).is_file()]
+        if missing:
+            raise PipelineError(f"{index}: names shard {missing[0]}, which is missing"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        files = ["model.safetensors.index.json", *shards]
+    elif (root / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise PipelineError(f"{where}: no model.safetensors.index.json and no model.safetensors")
+    extras = [n for n in FP8_PATTERNS if "*" not in n and n not in files and (root / n).is_file()]
+    return sorted(set(files + extras))
+
+
+def gguf_files(src: Source, root: Path) -> list[str]:
+    """Relative names of the GGUF model's files (one file, or a complete split set), in part order."""
+    where = f"sources.gguf ({root})"
+    if root.is_file():
+        if root.suffix != ".gguf":
+            raise PipelineError(f"{where}: not a .gguf file")
+        base, found = root.parent, [root]
+        sets = gguf_sets(list(base.glob("*.gguf")))
+        found = next(s for s in sets.values() if root in s)
+    elif root.is_dir():
+        base = root
+        pattern = src.include or "*.gguf"
+        found = [p for p in sorted(root.rglob("*.gguf")) if fnmatch.fnmatch(str(p.relative_to(root)), pattern)
+                 or fnmatch.fnmatch(p.name, pattern)]
+        if not found:
+            st = sorted(p.name for p in root.glob("*.safetensors"))
+            hint = (f" (it holds {st[0]}: did you swap sources.fp8 and sources.gguf?)" if st else "")
+            raise PipelineError(f"{where}: no .gguf file matching {pattern}{hint}")
+        sets = gguf_sets(found)
+        if len(sets) > 1:
+            raise PipelineError(f"{where}: holds several GGUF models ({', '.join(sorted(sets))}); "
+                                "pick one with `include:` in the manifest")
+        found = next(iter(sets.values()))
+    else:
+        raise PipelineError(f"{where}: no such file or folder")
+    check_split_set(found)
+    return [str(p.relative_to(base)) for p in found], base
+
+
+# -- hub sources ----------------------------------------------------------------------------------------------------
+
+def download(src: Source) -> tuple[Path, str]:
+    """snapshot_download with the needed patterns; returns (snapshot folder, commit sha)."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = FP8_PATTERNS if src.kind == "fp8" else [src.include or "*.gguf"]
+    last = None
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        try:
+            path = Path(huggingface_hub.snapshot_download(repo_id=src.repo, revision=src.revision,
+                                                          allow_patterns=patterns))
+            return path, path.name
+        except RepositoryNotFoundError:
+            raise PipelineError(f"sources.{src.kind}: repo {src.repo} not found (or private: set HF_TOKEN)") from None
+        except LocalEntryNotFoundError as e:
+            raise PipelineError(f"sources.{src.kind}: {src.repo}@{src.revision} is not in the local cache and "
+                                f"the hub cannot be reached ({_first_line(e)})") from None
+        except (HfHubHTTPError, OSError, Exception) as e:   # cut connections, timeouts: retry, the download resumes
+            if isinstance(e, HfHubHTTPError) and getattr(e.response, "status_code", 500) in (401, 403, 404):
+                raise PipelineError(f"sources.{src.kind}: {src.repo}@{src.revision}: {_first_line(e)}") from None
+            last = e
+            console.print(f"[yellow]download of {src.repo} interrupted ({_first_line(e)}); "
+                          f"resuming ({attempt + 1}/{DOWNLOAD_ATTEMPTS})[/]")
+    raise PipelineError(f"sources.{src.kind}: download of {src.repo}@{src.revision} failed "
+                        f"after {DOWNLOAD_ATTEMPTS} attempts: {_first_line(last)}")
+
+
+def _first_line(e) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# -- the stage ------------------------------------------------------------------------------------------------------
+
+def _stat_list(root: Path, names: list[str]) -> list:
+    return [[n, (root / n).stat().st_size, (root / n).stat().st_mtime_ns] for n in names]
+
+
+def locate(ctx: Context, src: Source) -> tuple[Path, list[str]]:
+    """The local root and file list of a local source (cheap: names and stats only)."""
+    if src.kind == "fp8":
+        return src.local, fp8_files(src, src.local)
+    names, base = gguf_files(src, src.local)
+    return base, names
+
+
+def fingerprint(ctx: Context) -> dict:
+    fp = {}
+    for src in (ctx.manifest.fp8, ctx.manifest.gguf):
+        if src.repo:
+            fp[f"sources.{src.kind}"] = src.raw        # a pinned revision pins the content
+        else:
+            root, names = locate(ctx, src)
+            fp[f"sources.{src.kind}"] = {"root": str(root), "files": _stat_list(root, names)}
+    return fp
+
+
+def run(ctx: Context) -> Result:
+    old = {}
+    if (ctx.out / RESULT).exists():
+        old = read_json(ctx.out / RESULT)
+    result = {}
+    for src in (ctx.manifest.fp8, ctx.manifest.gguf):
+        if src.repo:
+            snapshot, commit = download(src)
+            local = Source(kind=src.kind, local=snapshot, include=src.include)
+            root, names = locate(ctx, local)
+            files = {n: {"size": (root / n).stat().st_size, "hash": f"hub:{src.repo}@{commit}"} for n in names}
+            result[src.kind] = {"root": str(root), "repo": src.repo, "revision": commit, "files": files,
+                                "order": names}
+            continue
+        root, names = locate(ctx, src)
+        cached = old.get(src.kind, {}).get("files", {}) if old.get(src.kind, {}).get("root") == str(root) else {}
+        files, todo = {}, []
+        for n in names:
+            st = (root / n).stat()
+            c = cached.get(n)
+            if c and c["size"] == st.st_size and c.get("mtime_ns") == st.st_mtime_ns:
+                files[n] = c
+            else:
+                todo.append((n, st))
+        if todo:
+            with byte_progress(f"hash {src.kind}", sum(st.st_size for _, st in todo), len(todo), "files") as adv:
+                for n, st in todo:
+                    files[n] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "hash": hash_file(root / n, adv)}
+                    adv(0, 1)
+        result[src.kind] = {"root": str(root), "revision": None, "files": {n: files[n] for n in names},
+                            "order": names}
+    write_json(ctx.out / RESULT, result, ctx.out)
+    n_bytes = sum(f["size"] for s in result.values() for f in s["files"].values())
+    return Result(result=RESULT, outputs=[RESULT],
+                  summary=f"{len(result['fp8']['files'])} checkpoint files + {len(result['gguf']['files'])} GGUF "
+                          f"files, {n_bytes / 1e9:.2f} GB")
+
+
+STAGE = Stage("fetch", needs=(), inputs="manifest sources (local folders or hub repos)",
+              outputs=".pipeline/sources.json (files, sizes, content hashes / hub commits)", version=VERSION,
+              fingerprint=fingerprint, run=run)

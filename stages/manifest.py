@@ -1,0 +1,96 @@
+"""The manifest: a small YAML file naming the two sources and the output folder.
+
+Relative paths resolve against the manifest's own folder, so a manifest can be moved together with its data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import PipelineError
+
+SOURCE_KINDS = ("fp8", "gguf")
+TOP_KEYS = {"name": str, "sources": dict, "output": str, "keep_mtp": bool}
+SOURCE_KEYS = {"local": str, "repo": str, "revision": str, "include": str, "file": str}
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str                      # "fp8" or "gguf"
+    local: Path | None = None      # a folder (or, for gguf, a file) on disk
+    repo: str | None = None        # a hub repo id
+    revision: str = "main"
+    include: str | None = None     # hub glob (gguf: the quant folder) or local file pattern
+    raw: dict = field(default_factory=dict)   # the manifest section as written, for fingerprints
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    name: str
+    fp8: Source
+    gguf: Source
+    output: Path
+    keep_mtp: bool
+    raw: dict
+
+
+def _type_name(t) -> str:
+    return {str: "a string", dict: "a mapping", bool: "true or false"}[t]
+
+
+def load_manifest(path: Path) -> Manifest:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: manifest not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PipelineError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: a manifest is a YAML mapping with keys name, sources, output")
+
+    def bad(key: str, why: str) -> PipelineError:
+        return PipelineError(f"{path}: key '{key}' {why}")
+
+    for key, value in raw.items():
+        if key not in TOP_KEYS:
+            raise bad(key, f"is unknown (known keys: {', '.join(TOP_KEYS)})")
+        if not isinstance(value, TOP_KEYS[key]):
+            raise bad(key, f"must be {_type_name(TOP_KEYS[key])}, not {type(value).__name__}")
+    for key in ("name", "sources"):
+        if key not in raw:
+            raise bad(key, "is missing")
+    sources = raw["sources"]
+    for kind in sources:
+        if kind not in SOURCE_KINDS:
+            raise bad(f"sources.{kind}", f"is unknown (known sources: {', '.join(SOURCE_KINDS)})")
+    parsed = {}
+    for kind in SOURCE_KINDS:
+        sec = sources.get(kind)
+        if sec is None:
+            raise bad(f"sources.{kind}", "is missing")
+        if not isinstance(sec, dict):
+            raise bad(f"sources.{kind}", "must be a mapping like {local: PATH} or {repo: OWNER/NAME}")
+        for k, v in sec.items():
+            if k not in SOURCE_KEYS:
+                raise bad(f"sources.{kind}.{k}", f"is unknown (known keys: {', '.join(SOURCE_KEYS)})")
+            if not isinstance(v, str):
+                raise bad(f"sources.{kind}.{k}", f"must be a string, not {type(v).__name__}")
+        if ("local" in sec) == ("repo" in sec):
+            raise bad(f"sources.{kind}", "needs exactly one of 'local' or 'repo'")
+        local = _resolve(path, sec["local"]) if "local" in sec else None
+        parsed[kind] = Source(kind=kind, local=local, repo=sec.get("repo"), revision=sec.get("revision", "main"),
+                              include=sec.get("include") or sec.get("file"), raw=dict(sec))
+    output = _resolve(path, raw["output"]) if "output" in raw else None
+    return Manifest(path=path.resolve(), name=raw["name"], fp8=parsed["fp8"], gguf=parsed["gguf"],
+                    output=output, keep_mtp=raw.get("keep_mtp", False), raw=raw)
+
+
+def _resolve(manifest_path: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (manifest_path.parent / p).resolve()

@@ -1,0 +1,97 @@
+"""DeepSeek-V3 tensor names on both sides (HF checkpoint and llama.cpp GGUF) and their shapes from config.json.
+
+One `Weight` per logical weight of the model. `out` is the merged name (the seed system's GGUF-style key),
+`hf` the checkpoint name(s), `gguf` the twin(s) in a llama.cpp GGUF. Shapes are numpy/HF order (out, in).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LAYOUT_SPLIT_KB = "attn_k_b+attn_v_b"      # llama.cpp since April 2025 (key_length_mla present)
+LAYOUT_KV_B = "attn_kv_b"                  # older GGUFs
+
+
+@dataclass
+class Weight:
+    out: str                   # merged key, e.g. blk.3.attn_q_a.weight
+    hf: list[str]              # HF names; several for stacked routed experts (one per expert)
+    shape: tuple               # logical shape (stacked experts: (E, out, in))
+    source: str                # "fp8" or "gguf": where the merged bytes come from
+    gguf: dict = field(default_factory=dict)   # GGUF twin name -> expected numpy shape
+    linear: bool = False       # an FP8 linear: has weight_scale_inv in the checkpoint
+    layer: int | None = None
+
+
+def mtp_layers(cfg: dict) -> range:
+    n = cfg["num_hidden_layers"]
+    return range(n, n + int(cfg.get("num_nextn_predict_layers", 0) or 0))
+
+
+def expected_weights(cfg: dict, layout: str) -> list[Weight]:
+    """Every weight of the main model (MTP layers excluded), in merged-file order."""
+    H, V, nh = cfg["hidden_size"], cfg["vocab_size"], cfg["num_attention_heads"]
+    qr, kvr = cfg.get("q_lora_rank"), cfg["kv_lora_rank"]
+    dn, dr, dv = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    E, Im = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+    Ish = Im * cfg.get("n_shared_experts", 1)
+    w: list[Weight] = []
+
+    def add(out, hf, shape, source="fp8", linear=False, layer=None, twins=None):
+        twins = twins or {out: shape}     # by default the GGUF twin has the merged name and the same shape
+        w.append(Weight(out, [hf] if isinstance(hf, str) else hf, shape, source, twins, linear, layer))
+
+    add("token_embd.weight", "model.embed_tokens.weight", (V, H))
+    add("output_norm.weight", "model.norm.weight", (H,))
+    add("output.weight", "lm_head.weight", (V, H))
+    for i in range(cfg["num_hidden_layers"]):
+        b, m = f"blk.{i}.", f"model.layers.{i}."
+        add(b + "attn_norm.weight", m + "input_layernorm.weight", (H,), layer=i)
+        if qr:
+            add(b + "attn_q_a.weight", m + "self_attn.q_a_proj.weight", (qr, H), linear=True, layer=i)
+            add(b + "attn_q_a_norm.weight", m + "self_attn.q_a_layernorm.weight", (qr,), layer=i)
+            add(b + "attn_q_b.weight", m + "self_attn.q_b_proj.weight", (nh * (dn + dr), qr), linear=True, layer=i)
+        else:
+            add(b + "attn_q.weight", m + "self_attn.q_proj.weight", (nh * (dn + dr), H), linear=True, layer=i)
+        add(b + "attn_kv_a_mqa.weight", m + "self_attn.kv_a_proj_with_mqa.weight", (kvr + dr, H), linear=True, layer=i)
+        add(b + "attn_kv_a_norm.weight", m + "self_attn.kv_a_layernorm.weight", (kvr,), layer=i)
+        kv_b_twins = ({b + "attn_k_b.weight": (nh, kvr, dn), b + "attn_v_b.weight": (nh, dv, kvr)}
+                      if layout == LAYOUT_SPLIT_KB else {b + "attn_kv_b.weight": (nh * (dn + dv), kvr)})
+        add(b + "attn_kv_b.weight", m + "self_attn.kv_b_proj.weight", (nh * (dn + dv), kvr), linear=True, layer=i,
+            twins=kv_b_twins)
+        add(b + "attn_output.weight", m + "self_attn.o_proj.weight", (H, nh * dv), linear=True, layer=i)
+        add(b + "ffn_norm.weight", m + "post_attention_layernorm.weight", (H,), layer=i)
+        if i < cfg.get("first_k_dense_replace", 0):
+            I = cfg["intermediate_size"]
+            add(b + "ffn_gate.weight", m + "mlp.gate_proj.weight", (I, H), linear=True, layer=i)
+            add(b + "ffn_up.weight", m + "mlp.up_proj.weight", (I, H), linear=True, layer=i)
+            add(b + "ffn_down.weight", m + "mlp.down_proj.weight", (H, I), linear=True, layer=i)
+            continue
+        add(b + "ffn_gate_inp.weight", m + "mlp.gate.weight", (E, H), layer=i)
+        add(b + "exp_probs_b.bias", m + "mlp.gate.e_score_correction_bias", (E,), layer=i)
+        add(b + "ffn_gate_shexp.weight", m + "mlp.shared_experts.gate_proj.weight", (Ish, H), linear=True, layer=i)
+        add(b + "ffn_up_shexp.weight", m + "mlp.shared_experts.up_proj.weight", (Ish, H), linear=True, layer=i)
+        add(b + "ffn_down_shexp.weight", m + "mlp.shared_experts.down_proj.weight", (H, Ish), linear=True, layer=i)
+        for proj, gname, shape in (("gate_proj", "ffn_gate_exps", (Im, H)), ("up_proj", "ffn_up_exps", (Im, H)),
+                                   ("down_proj", "ffn_down_exps", (H, Im))):
+            add(b + gname + ".weight", [f"{m}mlp.experts.{e}.{proj}.weight" for e in range(E)], (E, *shape),
+                source="gguf", layer=i)
+    return w
+
+
+# MTP layer: llama.cpp drops it, so its tensors come from the checkpoint alone; extras get llama.cpp's `nextn.` names.
+HF_TO_GGUF_SUFFIX = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_a_proj.weight": "attn_q_a.weight", "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+    "self_attn.q_b_proj.weight": "attn_q_b.weight", "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight", "self_attn.kv_b_proj.weight": "attn_kv_b.weight",
+    "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+    "enorm.weight": "nextn.enorm.weight", "hnorm.weight": "nextn.hnorm.weight",
+    "eh_proj.weight": "nextn.eh_proj.weight", "embed_tokens.weight": "nextn.embed_tokens.weight",
+    "shared_head.norm.weight": "nextn.shared_head_norm.weight",
+    "shared_head.head.weight": "nextn.shared_head_head.weight",
+}

@@ -100,7 +100,7 @@ def status(manifest_path, out, as_json):
     table = Table(title=f"{ctx.manifest.name} -> {ctx.out}")
     for col in ("stage", "state", "when", "took", "produced / why"):
         table.add_column(col)
-    colour = {"done": "green", "stale": "yellow", "pending": "dim", "interrupted": "red"}
+    colour = {"done": "green", "stale": "yellow", "pending": "dim", "interrupted": "red", "failed": "red"}
     for r in rows:
         took = f"{r['seconds']:.1f} s" if r["seconds"] is not None else ""
         detail = r["produced"] if r["state"] == "done" else r["why"]

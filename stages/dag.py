@@ -61,7 +61,7 @@ class Result:
 @dataclass
 class Status:
     stage: str
-    state: str                                # done | stale | pending | interrupted
+    state: str                                # done | stale | pending | interrupted | failed
     why: str = ""
     record: dict | None = None
 
@@ -96,6 +96,8 @@ def stage_status(ctx: Context, stage: Stage, upstream: dict[str, Status]) -> Sta
             return Status(stage.name, state, f"waits for {up} ({upstream[up].state})", rec)
     if rec is None:
         return Status(stage.name, "pending", "never ran")
+    if rec.get("state") == "failed":
+        return Status(stage.name, "failed", rec.get("error", ""), rec)
     if rec.get("state") == "running":
         return Status(stage.name, "interrupted", f"run started {rec.get('started', '?')} did not finish", rec)
     now = full_fingerprint(ctx, stage)
@@ -124,7 +126,15 @@ def execute(ctx: Context, stage: Stage) -> dict:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
     write_json(ctx.record_path(stage.name), {"stage": stage.name, "state": "running", "pid": os.getpid(),
                                               "started": stamp}, ctx.out)
-    res = stage.run(ctx)
+    try:
+        res = stage.run(ctx)
+    except PipelineError as e:
+        try:                                   # best effort: the disk may be the thing that failed
+            write_json(ctx.record_path(stage.name), {"stage": stage.name, "state": "failed", "started": stamp,
+                                                      "error": str(e).splitlines()[0]}, ctx.out)
+        except PipelineError:
+            pass
+        raise
     outputs = {}
     for rel in res.outputs:
         st = (ctx.out / rel).stat()

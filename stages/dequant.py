@@ -115,9 +115,10 @@ def _scale_min_k4(s):
 
 def _q4_k(b, out):
     n = len(b)
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    d = (_f16(b, 0) * sc).unsqueeze(-1)
-    dm = (_f16(b, 2) * mn).unsqueeze(-1)
+    h = b[:, :16].contiguous()
+    sc, mn = _scale_min_k4(h[:, 4:16])
+    d = (_f16(h, 0) * sc).unsqueeze(-1)
+    dm = (_f16(h, 2) * mn).unsqueeze(-1)
     _nibbles(b[:, 16:].view(n, 4, 32), out.view(n, 4, 2, 32))
     out.view(n, 8, 32).mul_(d).sub_(dm)
 

@@ -21,6 +21,7 @@ from .ui import byte_progress, console
 
 VERSION = 1
 RESULT = ".pipeline/sources.json"
+HASH_CACHE = ".pipeline/hash-cache.json"
 FP8_PATTERNS = ["config.json", "generation_config.json", "model.safetensors.index.json", "*.safetensors",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
 DOWNLOAD_ATTEMPTS = 3
@@ -148,10 +149,10 @@ def fingerprint(ctx: Context) -> dict:
 
 
 def run(ctx: Context) -> Result:
-    old = {}
-    if (ctx.out / RESULT).exists():
-        old = read_json(ctx.out / RESULT)
-    result = {}
+    # Hashes are cached by (size, mtime) outside the result, so a touched but unchanged file reruns nothing downstream.
+    cache_path = ctx.out / HASH_CACHE
+    cache = read_json(cache_path) if cache_path.exists() else {}
+    result, kept = {}, {}
     for src in (ctx.manifest.fp8, ctx.manifest.gguf):
         if src.repo:
             snapshot, commit = download(src)
@@ -162,22 +163,18 @@ def run(ctx: Context) -> Result:
                                 "order": names}
             continue
         root, names = locate(ctx, src)
-        cached = old.get(src.kind, {}).get("files", {}) if old.get(src.kind, {}).get("root") == str(root) else {}
-        files, todo = {}, []
-        for n in names:
-            st = (root / n).stat()
-            c = cached.get(n)
-            if c and c["size"] == st.st_size and c.get("mtime_ns") == st.st_mtime_ns:
-                files[n] = c
-            else:
-                todo.append((n, st))
+        stats = {n: (root / n).stat() for n in names}
+        key = lambda n: f"{root / n}:{stats[n].st_size}:{stats[n].st_mtime_ns}"
+        todo = [n for n in names if key(n) not in cache]
         if todo:
-            with byte_progress(f"hash {src.kind}", sum(st.st_size for _, st in todo), len(todo), "files") as adv:
-                for n, st in todo:
-                    files[n] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "hash": hash_file(root / n, adv)}
+            with byte_progress(f"hash {src.kind}", sum(stats[n].st_size for n in todo), len(todo), "files") as adv:
+                for n in todo:
+                    cache[key(n)] = hash_file(root / n, adv)
                     adv(0, 1)
-        result[src.kind] = {"root": str(root), "revision": None, "files": {n: files[n] for n in names},
-                            "order": names}
+        kept.update({key(n): cache[key(n)] for n in names})
+        files = {n: {"size": stats[n].st_size, "hash": cache[key(n)]} for n in names}
+        result[src.kind] = {"root": str(root), "revision": None, "files": files, "order": names}
+    write_json(cache_path, kept, ctx.out)
     write_json(ctx.out / RESULT, result, ctx.out)
     n_bytes = sum(f["size"] for s in result.values() for f in s["files"].values())
     return Result(result=RESULT, outputs=[RESULT],

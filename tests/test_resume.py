@@ -1,0 +1,166 @@
+"""Resumability: skip what is done, redo what is stale, survive SIGKILL, lock the output, fail cleanly on a full disk."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import FIXTURE, final_files, pipeline, spawn, status, write_manifest
+
+
+def wait_for(cond, timeout=60.0, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def actions(p) -> dict:
+    return {e["stage"]: e["action"] for e in json.loads(p.stdout)["stages"]}
+
+
+@pytest.fixture
+def sources(tmp_path):
+    """A private copy of the fixture, so tests may change it."""
+    dst = tmp_path / "src"
+    shutil.copytree(FIXTURE, dst)
+    return dst
+
+
+def test_second_run_skips_everything(tmp_path):
+    m, out = write_manifest(tmp_path / "m.yaml"), tmp_path / "out"
+    assert actions(pipeline("run", "--manifest", m, "--out", out, "--json")) == dict.fromkeys(
+        ["fetch", "reconcile", "write"], "ran")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    assert actions(pipeline("run", "--manifest", m, "--out", out, "--json")) == dict.fromkeys(
+        ["fetch", "reconcile", "write"], "skipped")
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    assert {s["state"] for s in status(m, out).values()} == {"done"}
+
+
+def test_changed_input_makes_downstream_stale(tmp_path, sources):
+    m = write_manifest(tmp_path / "m.yaml", fp8=sources / "hf-fp8", gguf=sources / "gguf" / "Q4_K_M")
+    out = tmp_path / "out"
+    pipeline("run", "--manifest", m, "--out", out)
+
+    os.utime(sources / "hf-fp8" / "config.json")               # touched, same content
+    st = status(m, out)
+    assert st["fetch"]["state"] == "stale" and "sources.fp8 changed" in st["fetch"]["why"]
+    assert actions(pipeline("run", "--manifest", m, "--out", out, "--json")) == {
+        "fetch": "ran", "reconcile": "skipped", "write": "skipped"}
+
+    gen = sources / "hf-fp8" / "generation_config.json"
+    gen.write_text(gen.read_text().replace("0.6", "0.7"))      # new content: everything downstream reruns
+    p = pipeline("run", "--manifest", m, "--out", out, "--json")
+    assert actions(p) == dict.fromkeys(["fetch", "reconcile", "write"], "ran")
+    assert "0 written, 5 kept" in json.loads(p.stdout)["stages"][2]["summary"]     # no shard depends on it
+    assert (out / "generation_config.json").read_text() == gen.read_text()
+
+    shard = sorted(out.glob("model-0000*.safetensors"))[2]
+    shard.unlink()
+    st = status(m, out)
+    assert st["write"]["state"] == "stale" and f"{shard.name} is missing" in st["write"]["why"]
+    p = pipeline("run", "--manifest", m, "--out", out, "--json")
+    assert "1 written, 4 kept" in json.loads(p.stdout)["stages"][2]["summary"]
+
+    p = pipeline("run", "--manifest", m, "--out", out, "--json", "--keep-mtp")
+    assert actions(p) == {"fetch": "skipped", "reconcile": "ran", "write": "ran"}
+
+
+def test_sigkill_mid_write_then_resume_is_byte_identical(tmp_path):
+    m = write_manifest(tmp_path / "m.yaml")
+    reference = tmp_path / "reference"
+    pipeline("run", "--manifest", m, "--out", reference)
+
+    out = tmp_path / "out"
+    child = spawn("run", "--manifest", m, "--out", out, "--bwlimit", "3")    # ~12 MB at 3 MB/s: ~4 s of writing
+    records = out / ".pipeline" / "write"
+    wait_for(lambda: records.is_dir() and len(list(records.glob("*.json"))) >= 2, what="two finished shards")
+    tmp = out / ".pipeline" / "tmp"
+    wait_for(lambda: any(p.stat().st_size > 0 for p in tmp.glob("*.partial")), what="a shard being written")
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+
+    finished = {p.name.removesuffix(".json") for p in records.glob("*.json")}
+    on_disk = {p.name for p in out.glob("model-*.safetensors")}
+    assert on_disk == finished and 2 <= len(finished) < 5, "only complete shards may carry a final name"
+    assert not (out / "manifest.json").exists()
+    assert status(m, out)["write"]["state"] == "interrupted"
+    kept = {n: (out / n).stat().st_mtime_ns for n in finished}
+
+    p = pipeline("run", "--manifest", m, "--out", out, "--json")
+    assert f"{5 - len(finished)} written, {len(finished)} kept" in json.loads(p.stdout)["stages"][-1]["summary"]
+    assert kept == {n: (out / n).stat().st_mtime_ns for n in finished}
+    assert final_files(out) == final_files(reference)
+    assert not list(tmp.iterdir())
+
+
+def test_lock_blocks_a_second_run_but_not_after_the_holder_dies(tmp_path):
+    m, out = write_manifest(tmp_path / "m.yaml"), tmp_path / "out"
+    child = spawn("run", "--manifest", m, "--out", out, "--bwlimit", "1")
+    wait_for(lambda: any((out / ".pipeline" / "tmp").glob("*.partial")), what="the first run to write")
+    second = pipeline("run", "--manifest", m, "--out", out, check=False)
+    assert second.returncode == 2
+    assert "another run is using this output folder" in second.stderr and f"pid {child.pid}" in second.stderr
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    pipeline("run", "--manifest", m, "--out", out)          # the dead holder's lock does not block
+    assert len(list(out.glob("model-*.safetensors"))) == 5
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs of limited size: a full disk for real (needs root, as CI has)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+
+    def mount(size_kb: int) -> Path:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        return mnt
+    yield mount
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_not_enough_space_is_refused_before_writing(tmp_path, small_disk):
+    disk = small_disk(4096)
+    m, out = write_manifest(tmp_path / "m.yaml"), disk / "out"
+    p = pipeline("run", "--manifest", m, "--out", out, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "not enough disk space" in p.stderr and str(out) in p.stderr
+    assert not list(out.glob("model-*")) and not (out / "manifest.json").exists()
+
+
+def test_disk_filling_up_mid_write_fails_cleanly_and_resumes(tmp_path, small_disk):
+    disk = small_disk(32 * 1024)
+    m, out = write_manifest(tmp_path / "m.yaml"), disk / "out"
+    child = spawn("run", "--manifest", m, "--out", out, "--bwlimit", "2")
+    wait_for(lambda: any((out / ".pipeline" / "tmp").glob("*.partial")), what="the write to start")
+    filler = disk / "filler"
+    with open(filler, "wb") as f:                        # another program takes all the space left
+        try:
+            while True:
+                f.write(b"\xff" * (1 << 16))
+                f.flush()
+        except OSError:
+            pass
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 2 and "Traceback" not in stderr
+    assert "no space left" in stderr
+    records = {p.name.removesuffix(".json") for p in (out / ".pipeline" / "write").glob("*.json")}
+    assert {p.name for p in out.glob("model-*.safetensors")} == records
+    assert not list((out / ".pipeline" / "tmp").glob("*.partial"))
+    assert status(m, out)["write"]["state"] == "failed"
+
+    filler.unlink()
+    pipeline("run", "--manifest", m, "--out", out)
+    reference = tmp_path / "reference"
+    pipeline("run", "--manifest", m, "--out", reference)
+    assert final_files(out) == final_files(reference)

@@ -26,9 +26,10 @@ STAGE_NAMES = [s.name for s in STAGES]
 
 
 def make_context(manifest_path, out, keep_mtp=None, bwlimit=None) -> Context:
-    m = load_manifest(Path(manifest_path))
+    m = load_manifest(Path(manifest_path), {s.name: s.options for s in STAGES})
     out_dir = Path(out).resolve() if out else (m.output or ROOT / "out" / m.name)
-    return Context(manifest=m, out=out_dir, keep_mtp=m.keep_mtp if keep_mtp is None else keep_mtp, bwlimit=bwlimit)
+    return Context(manifest=m, out=out_dir, keep_mtp=m.keep_mtp if keep_mtp is None else keep_mtp,
+                   bwlimit=bwlimit or m.stage_options.get("write", {}).get("bwlimit"))
 
 
 def main_guard(fn):

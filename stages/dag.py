@@ -48,6 +48,7 @@ class Stage:
     version: int
     fingerprint: Callable[[Context], dict]     # cheap: never reads tensor data
     run: Callable[[Context], "Result"]
+    options: dict = field(default_factory=dict)   # option -> type, settable under `stages.<name>:` in a manifest
 
 
 @dataclass

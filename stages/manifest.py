@@ -12,7 +12,7 @@ import yaml
 from .errors import PipelineError
 
 SOURCE_KINDS = ("fp8", "gguf")
-TOP_KEYS = {"name": str, "sources": dict, "output": str, "keep_mtp": bool}
+TOP_KEYS = {"name": str, "sources": dict, "output": str, "keep_mtp": bool, "stages": dict}
 SOURCE_KEYS = {"local": str, "repo": str, "revision": str, "include": str, "file": str}
 
 
@@ -35,13 +35,15 @@ class Manifest:
     output: Path
     keep_mtp: bool
     raw: dict
+    stage_options: dict                # stage name -> {option: value}, from the optional `stages:` section
 
 
 def _type_name(t) -> str:
-    return {str: "a string", dict: "a mapping", bool: "true or false"}[t]
+    return {str: "a string", dict: "a mapping", bool: "true or false", float: "a number", int: "a whole number"}[t]
 
 
-def load_manifest(path: Path) -> Manifest:
+def load_manifest(path: Path, known_stages: dict[str, dict[str, type]] | None = None) -> Manifest:
+    """Parse and check a manifest. `known_stages`: stage name -> {option: type} accepted under `stages:`."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: manifest not found")
@@ -86,9 +88,26 @@ def load_manifest(path: Path) -> Manifest:
         local = _resolve(path, sec["local"]) if "local" in sec else None
         parsed[kind] = Source(kind=kind, local=local, repo=sec.get("repo"), revision=sec.get("revision", "main"),
                               include=sec.get("include") or sec.get("file"), raw=dict(sec))
+    stage_options = {}
+    for stage, opts in raw.get("stages", {}).items():
+        known = (known_stages or {}).get(stage)
+        if known is None:
+            raise bad(f"stages.{stage}", f"is an unknown stage (stages: {', '.join(known_stages or {})})")
+        if not isinstance(opts, dict):
+            raise bad(f"stages.{stage}", "must be a mapping of options")
+        for k, v in opts.items():
+            if k not in known:
+                raise bad(f"stages.{stage}.{k}", f"is unknown (options: {', '.join(known) or 'none'})")
+            ok = isinstance(v, known[k]) and not (known[k] in (int, float) and isinstance(v, bool))
+            if known[k] is float and isinstance(v, int) and not isinstance(v, bool):
+                ok = True
+            if not ok:
+                raise bad(f"stages.{stage}.{k}", f"must be {_type_name(known[k])}, not {type(v).__name__}")
+        stage_options[stage] = dict(opts)
     output = _resolve(path, raw["output"]) if "output" in raw else None
     return Manifest(path=path.resolve(), name=raw["name"], fp8=parsed["fp8"], gguf=parsed["gguf"],
-                    output=output, keep_mtp=raw.get("keep_mtp", False), raw=raw)
+                    output=output, keep_mtp=raw.get("keep_mtp", False), raw=raw,
+                    stage_options=stage_options)
 
 
 def _resolve(manifest_path: Path, value: str) -> Path:

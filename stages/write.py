@@ -225,4 +225,4 @@ def fingerprint(ctx: Context) -> dict:
 
 STAGE = Stage("write", needs=("reconcile",), inputs="plan.json; the source bytes it names",
               outputs="model-*-of-*.safetensors, model.safetensors.index.json, manifest.json, config + tokenizer",
-              version=VERSION, fingerprint=fingerprint, run=run)
+              version=VERSION, fingerprint=fingerprint, run=run, options={"bwlimit": float})

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from stages import STAGES
@@ -39,7 +40,7 @@ def main_guard(fn):
             return fn(*args, **kwargs)
         except PipelineError as e:
             for line in str(e).splitlines():
-                console.print(f"[bold red]error:[/] {line}", soft_wrap=True)
+                console.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
             sys.exit(2)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: rerun to resume where it stopped[/]")
@@ -73,7 +74,7 @@ def cli():
 def run(manifest_path, out, start, only, force, keep_mtp, bwlimit, as_json):
     """Run the pipeline: skip what is done, redo what is stale, resume what was interrupted."""
     ctx = make_context(manifest_path, out, keep_mtp, bwlimit)
-    console.print(f"[bold]{ctx.manifest.name}[/] -> {ctx.out}")
+    console.print(f"[bold]{escape(ctx.manifest.name)}[/] -> {escape(str(ctx.out))}")
     events = run_stages(ctx, STAGES, start=start, only=only, force=force)
     if as_json:
         print(json.dumps({"manifest": str(ctx.manifest.path), "out": str(ctx.out), "stages": events}))

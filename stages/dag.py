@@ -16,6 +16,8 @@ from typing import Callable
 from .errors import PipelineError
 from .fsio import OutputLock, claim_output, clean_tmp, hash_bytes, read_json, state_dir, write_json
 from .manifest import Manifest
+from rich.markup import escape
+
 from .ui import console
 
 
@@ -177,9 +179,9 @@ def run_stages(ctx: Context, stages: list[Stage], start: str | None = None, only
                     raise PipelineError(f"stage {stage.name} needs {up}, which is {statuses[up].state}; "
                                         f"run `python pipeline.py run` without --only")
             why = "forced" if (forced and st.state == "done") else (st.why or st.state)
-            console.print(f"[bold cyan]▶[/] {stage.name}: running ({why})")
+            console.print(f"[bold cyan]▶[/] {stage.name}: running ({escape(why)})")
             rec = execute(ctx, stage)
-            console.print(f"[green]✓[/] {stage.name}: {rec['summary']} [dim]({rec['seconds']:.1f} s)[/]")
+            console.print(f"[green]✓[/] {stage.name}: {escape(rec['summary'])} [dim]({rec['seconds']:.1f} s)[/]")
             events.append({"stage": stage.name, "action": "ran", "seconds": rec["seconds"], "summary": rec["summary"]})
             statuses[stage.name] = Status(stage.name, "done", "", rec)
     return events

@@ -149,6 +149,32 @@ def _field_value(field):
     return field.contents()
 
 
+def _gguf_damage(path: Path) -> str | None:
+    """Why GGUFReader refused a file whose header and tensor table are whole: the first tensor that is cut short or
+    has an unknown type. None if the header or tensor table itself is damaged."""
+    from gguf import GGUFReader
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    class TableOnly(GGUFReader):            # parses metadata + tensor table, maps no tensor data
+        def _build_tensors(self, start_offs, fields):
+            self.table = (start_offs, fields)
+    try:
+        start, fields = TableOnly(path).table
+        size = path.stat().st_size
+        for f in fields:
+            _, name, _, dims, qtype, offset = f.parts
+            name = bytes(name).decode(errors="replace")
+            if int(qtype[0]) not in {int(t) for t in GGML_QUANT_SIZES}:
+                return f"{path}: tensor {name}: unknown GGML type id {int(qtype[0])}"
+            block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(int(qtype[0]))]
+            end = start + int(offset[0]) + math.prod(int(d) for d in dims) // block * nbytes
+            if end > size:
+                return f"{path}: truncated: tensor {name} ends at byte {end}, file has {size}"
+    except Exception:                       # only used to word an error message: the caller has a fallback
+        return None
+    return None
+
+
 def read_gguf(files: list[Path]) -> GGUFModel:
     from gguf import GGUFReader
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -163,7 +189,8 @@ def read_gguf(files: list[Path]) -> GGUFModel:
         try:
             reader = GGUFReader(path)
         except (ValueError, IndexError, struct.error, OSError) as e:
-            raise PipelineError(f"{path}: not a valid GGUF file or truncated ({str(e).splitlines()[0]})") from None
+            raise PipelineError(_gguf_damage(path) or f"{path}: not a valid GGUF file, or truncated inside its "
+                                f"metadata or tensor table ({str(e).splitlines()[0]})") from None
         fields = {k: _field_value(f) for k, f in reader.fields.items()}
         if no == 0:
             meta = fields

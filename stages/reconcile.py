@@ -91,15 +91,15 @@ def check_fp8(name: str, shape: tuple, linear: bool, hf: dict[str, TensorRef], p
         problems.append(f"checkpoint: tensor {name} is missing")
         return
     if ref.shape != tuple(shape):
-        problems.append(f"{ref.file.name}: tensor {name} has shape {list(ref.shape)}, config says {list(shape)}")
+        problems.append(f"{ref.file}: tensor {name} has shape {list(ref.shape)}, config says {list(shape)}")
         return
     if linear and ref.dtype == "F8_E4M3":
         scale = hf.get(name + "_scale_inv")
         want = [math.ceil(shape[0] / BLOCK), math.ceil(shape[1] / BLOCK)]
         if scale is None:
-            problems.append(f"{ref.file.name}: FP8 tensor {name} has no {name}_scale_inv")
+            problems.append(f"{ref.file}: FP8 tensor {name} has no {name}_scale_inv")
         elif list(scale.shape) != want or scale.dtype != "F32":
-            problems.append(f"{scale.file.name}: {name}_scale_inv is {scale.dtype}{list(scale.shape)}, "
+            problems.append(f"{scale.file}: {name}_scale_inv is {scale.dtype}{list(scale.shape)}, "
                             f"expected F32{want} for a {list(shape)} weight")
 
 
@@ -132,7 +132,7 @@ def build_plan(fp8_root: Path, gguf_root: Path, gguf_names: list[str], keep_mtp:
     layout = gguf_layout(gg.meta)
     weights = expected_weights(cfg, layout)
     roots = {"fp8": fp8_root, "gguf": gguf_root}
-    gfile = {n: t.file.name for n, t in gg.tensors.items()}
+    gfile = {n: t.file for n, t in gg.tensors.items()}
 
     for w in weights:
         if w.source == "fp8":

@@ -19,6 +19,7 @@ from stages import STAGES
 from stages.dag import Context, all_status, run_stages
 from stages.errors import PipelineError
 from stages.manifest import load_manifest
+from stages.verify import junit_xml
 from stages.ui import console
 
 ROOT = Path(__file__).resolve().parent
@@ -26,11 +27,13 @@ DEFAULT_MANIFEST = ROOT / "manifests" / "tiny-deepseek-v3.yaml"
 STAGE_NAMES = [s.name for s in STAGES]
 
 
-def make_context(manifest_path, out, keep_mtp=None, bwlimit=None) -> Context:
+def make_context(manifest_path, out, keep_mtp=None, bwlimit=None, scheduler=None, workers=None) -> Context:
     m = load_manifest(Path(manifest_path), {s.name: s.options for s in STAGES})
     out_dir = Path(out).resolve() if out else (m.output or ROOT / "out" / m.name)
+    verify = dict(m.stage_options.get("verify", {}))
+    verify.update({k: v for k, v in (("scheduler", scheduler), ("workers", workers)) if v})
     return Context(manifest=m, out=out_dir, keep_mtp=m.keep_mtp if keep_mtp is None else keep_mtp,
-                   bwlimit=bwlimit or m.stage_options.get("write", {}).get("bwlimit"))
+                   bwlimit=bwlimit or m.stage_options.get("write", {}).get("bwlimit"), verify=verify)
 
 
 def main_guard(fn):
@@ -41,7 +44,7 @@ def main_guard(fn):
         except PipelineError as e:
             for line in str(e).splitlines():
                 console.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
-            sys.exit(2)
+            sys.exit(getattr(e, "exit_code", 2))
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: rerun to resume where it stopped[/]")
             sys.exit(130)
@@ -53,6 +56,11 @@ manifest_option = click.option("--manifest", "manifest_path", default=str(DEFAUL
                                type=click.Path(dir_okay=False), help="Manifest YAML naming the sources.")
 out_option = click.option("--out", type=click.Path(file_okay=False), help="Output folder (overrides `output`).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+scheduler_option = click.option("--scheduler", metavar="ADDRESS", help="verify on this dask.distributed scheduler "
+                                                                       "(e.g. tcp://10.0.0.5:8786).")
+workers_option = click.option("--workers", type=click.IntRange(1), help="verify on a LocalCluster of N worker "
+                                                                        "processes (default: dask's local scheduler "
+                                                                        "on all cores).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,15 +77,50 @@ def cli():
 @click.option("--keep-mtp/--no-keep-mtp", default=None, help="Keep the MTP layer (default: the manifest's keep_mtp, "
                                                              "else skipped).")
 @click.option("--bwlimit", type=float, metavar="MB/S", help="Cap the write rate, leaving disk bandwidth to others.")
+@scheduler_option
+@workers_option
 @json_option
 @main_guard
-def run(manifest_path, out, start, only, force, keep_mtp, bwlimit, as_json):
-    """Run the pipeline: skip what is done, redo what is stale, resume what was interrupted."""
-    ctx = make_context(manifest_path, out, keep_mtp, bwlimit)
+def run(manifest_path, out, start, only, force, keep_mtp, bwlimit, scheduler, workers, as_json):
+    """Run the pipeline: skip what is done, redo what is stale, resume what was interrupted.
+
+    Exit status: 0 done and verified, 1 verification failed, 2 could not run (bad input, disk, lock)."""
+    ctx = make_context(manifest_path, out, keep_mtp, bwlimit, scheduler, workers)
     console.print(f"[bold]{escape(ctx.manifest.name)}[/] -> {escape(str(ctx.out))}")
     events = run_stages(ctx, STAGES, start=start, only=only, force=force)
     if as_json:
         print(json.dumps({"manifest": str(ctx.manifest.path), "out": str(ctx.out), "stages": events}))
+
+
+@cli.command()
+@manifest_option
+@out_option
+@click.option("--force", is_flag=True, help="Verify again even if nothing changed since the last verify.")
+@scheduler_option
+@workers_option
+@click.option("--junit", type=click.Path(dir_okay=False), help="Write a JUnit XML report (one testcase per tensor).")
+@json_option
+@main_guard
+def verify(manifest_path, out, force, scheduler, workers, junit, as_json):
+    """Verify the merged folder tensor by tensor (the verify stage on its own).
+
+    Exit status: 0 every tensor passed, 1 some failed, 2 could not run."""
+    ctx = make_context(manifest_path, out, scheduler=scheduler, workers=workers)
+    failure = None
+    try:
+        run_stages(ctx, STAGES, only="verify", force=force)
+    except PipelineError as e:
+        if not hasattr(e, "exit_code"):
+            raise
+        failure = e
+    report_path = ctx.out / "verify.json"
+    report = json.loads(report_path.read_text())
+    if junit:
+        Path(junit).write_text(junit_xml(report))
+    if as_json:
+        print(json.dumps({k: report[k] for k in ("verdict", "summary", "failed")}))
+    if failure:
+        raise failure
 
 
 @cli.command()

@@ -27,6 +27,8 @@ class Context:
     out: Path
     keep_mtp: bool = False
     bwlimit: float | None = None          # MB/s cap on writes (leave disk bandwidth to others)
+    verify: dict = field(default_factory=dict)    # scheduler / workers for the verify stage
+    forced: bool = False                  # the running stage was forced: redo partial work too, reuse nothing
 
     def record_path(self, stage: str) -> Path:
         return state_dir(self.out) / f"{stage}.json"
@@ -56,9 +58,17 @@ class Stage:
 @dataclass
 class Result:
     result: str                               # relative path of the main result file (its hash feeds downstream)
-    outputs: list[str]                        # relative paths of every file the stage owns
+    outputs: list[str]                        # relative paths of every file the stage owns (checked by size, mtime)
     summary: str = ""
     extra: dict = field(default_factory=dict)
+    # JSON files shared with a later stage, checked by content instead: {"ignore": [keys]} = same content but for
+    # those keys; {"field": key, "equals": value} = that key still has that value.
+    json_checks: dict = field(default_factory=dict)
+
+
+def json_digest(path: Path, ignore: list[str]) -> str:
+    obj = read_json(path)
+    return digest({k: v for k, v in obj.items() if k not in ignore})
 
 
 @dataclass
@@ -82,11 +92,18 @@ def full_fingerprint(ctx: Context, stage: Stage) -> dict:
 
 def outputs_intact(ctx: Context, record: dict) -> str:
     for rel, info in record.get("outputs", {}).items():
+        path = ctx.out / rel
         try:
-            st = (ctx.out / rel).stat()
+            st = path.stat()
         except FileNotFoundError:
             return f"output {rel} is missing"
-        if st.st_size != info["size"] or st.st_mtime_ns != info["mtime_ns"]:
+        if "ignore" in info:
+            if json_digest(path, info["ignore"]) != info["json_digest"]:
+                return f"output {rel} was changed"
+        elif "field" in info:
+            if read_json(path).get(info["field"]) != info["equals"]:
+                return f"output {rel}: {info['field']} is no longer {json.dumps(info['equals'])}"
+        elif st.st_size != info["size"] or st.st_mtime_ns != info["mtime_ns"]:
             return f"output {rel} was changed"
     return ""
 
@@ -142,7 +159,11 @@ def execute(ctx: Context, stage: Stage) -> dict:
     for rel in res.outputs:
         st = (ctx.out / rel).stat()
         outputs[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    result_digest = hash_bytes((ctx.out / res.result).read_bytes())
+    for rel, check in res.json_checks.items():
+        outputs[rel] = dict(check, json_digest=json_digest(ctx.out / rel, check["ignore"])) if "ignore" in check \
+            else dict(check)
+    result_digest = (outputs[res.result]["json_digest"] if "ignore" in res.json_checks.get(res.result, {})
+                     else hash_bytes((ctx.out / res.result).read_bytes()))
     record = {"stage": stage.name, "state": "done", "started": stamp, "seconds": round(time.time() - started, 3),
               "fingerprint": fingerprint, "result": res.result, "result_digest": result_digest,
               "outputs": outputs, "summary": res.summary, **res.extra}
@@ -180,6 +201,7 @@ def run_stages(ctx: Context, stages: list[Stage], start: str | None = None, only
                                         f"run `python pipeline.py run` without --only")
             why = "forced" if (forced and st.state == "done") else (st.why or st.state)
             console.print(f"[bold cyan]▶[/] {stage.name}: running ({escape(why)})")
+            ctx.forced = forced
             rec = execute(ctx, stage)
             console.print(f"[green]✓[/] {stage.name}: {escape(rec['summary'])} [dim]({rec['seconds']:.1f} s)[/]")
             events.append({"stage": stage.name, "action": "ran", "seconds": rec["seconds"], "summary": rec["summary"]})

@@ -200,9 +200,10 @@ def run(ctx: Context) -> Result:
         if name not in current:
             (ctx.out / name).unlink(missing_ok=True)
             stale.unlink()
-    outputs = [s["file"] for s in plan["shards"]] + [INDEX, MANIFEST] + aux
+    outputs = [s["file"] for s in plan["shards"]] + [INDEX] + aux
     total = sum(sizes.values())
-    return Result(result=MANIFEST, outputs=outputs,
+    # verify flips manifest.json's `verified`; that is not a change of what write made
+    return Result(result=MANIFEST, outputs=outputs, json_checks={MANIFEST: {"ignore": ["verified"]}},
                   summary=f"{len(plan['shards'])} shards, {total / 1e9:.2f} GB "
                           f"({len(todo)} written, {len(plan['shards']) - len(todo)} kept from an earlier run)")
 

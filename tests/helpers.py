@@ -39,5 +39,5 @@ def status(manifest: Path, out: Path) -> dict:
 
 
 def final_files(out: Path) -> dict[str, bytes]:
-    """Every file under a final name in the output folder (the pipeline's own state excluded)."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    """Every file of the merged model (the pipeline's state and verify's timed report excluded)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != "verify.json"}

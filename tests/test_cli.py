@@ -5,7 +5,7 @@ from helpers import ROOT, pipeline, status, write_manifest
 
 
 def test_help_on_every_command():
-    for cmd in ([], ["run"], ["status"], ["stages"]):
+    for cmd in ([], ["run"], ["status"], ["stages"], ["verify"]):
         p = pipeline(*cmd, "--help")
         assert "Usage:" in p.stdout
     assert "--from" in pipeline("run", "--help").stdout and "--only" in pipeline("run", "--help").stdout
@@ -13,8 +13,8 @@ def test_help_on_every_command():
 
 def test_stages_lists_the_dag():
     rows = json.loads(pipeline("stages", "--json").stdout)
-    assert [r["stage"] for r in rows] == ["fetch", "reconcile", "write"]
-    assert [r["needs"] for r in rows] == [[], ["fetch"], ["reconcile"]]
+    assert [r["stage"] for r in rows] == ["fetch", "reconcile", "write", "verify"]
+    assert [r["needs"] for r in rows] == [[], ["fetch"], ["reconcile"], ["fetch", "write"]]
     table = pipeline("stages").stderr
     assert all(name in table for name in ("fetch", "reconcile", "write", "plan.json"))
 
@@ -32,10 +32,10 @@ def test_status_pending_then_done_then_only_and_from(tmp_path):
 
     pipeline("run", "--manifest", m, "--out", out)
     table = pipeline("status", "--manifest", m, "--out", out).stderr
-    assert table.count("done") >= 3 and "shards" in table
+    assert table.count("done") >= 4 and "shards" in table and "PASS" in table
 
     events = json.loads(pipeline("run", "--manifest", m, "--out", out, "--from", "reconcile", "--json").stdout)
-    assert [e["action"] for e in events["stages"]] == ["skipped", "ran", "ran"]
+    assert [e["action"] for e in events["stages"]] == ["skipped", "ran", "ran", "ran"]
     events = json.loads(pipeline("run", "--manifest", m, "--out", out, "--only", "reconcile", "--json").stdout)
     assert [e["action"] for e in events["stages"]] == ["skipped"]
     events = json.loads(pipeline("run", "--manifest", m, "--out", out, "--only", "reconcile", "--force",
@@ -56,4 +56,4 @@ def test_relative_paths_resolve_against_the_manifest_folder(tmp_path):
 def test_shipped_manifests_parse():
     for name in ("tiny-deepseek-v3", "deepseek-v3", "deepseek-r1"):
         p = pipeline("status", "--manifest", ROOT / "manifests" / f"{name}.yaml", "--out", "/nonexistent/x", "--json")
-        assert [r["state"] for r in json.loads(p.stdout)["stages"]] == ["pending"] * 3
+        assert [r["state"] for r in json.loads(p.stdout)["stages"]] == ["pending"] * 4

@@ -21,6 +21,9 @@ def wait_for(cond, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+STAGES = ["fetch", "reconcile", "write", "verify"]
+
+
 def actions(p) -> dict:
     return {e["stage"]: e["action"] for e in json.loads(p.stdout)["stages"]}
 
@@ -35,11 +38,9 @@ def sources(tmp_path):
 
 def test_second_run_skips_everything(tmp_path):
     m, out = write_manifest(tmp_path / "m.yaml"), tmp_path / "out"
-    assert actions(pipeline("run", "--manifest", m, "--out", out, "--json")) == dict.fromkeys(
-        ["fetch", "reconcile", "write"], "ran")
+    assert actions(pipeline("run", "--manifest", m, "--out", out, "--json")) == dict.fromkeys(STAGES, "ran")
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
-    assert actions(pipeline("run", "--manifest", m, "--out", out, "--json")) == dict.fromkeys(
-        ["fetch", "reconcile", "write"], "skipped")
+    assert actions(pipeline("run", "--manifest", m, "--out", out, "--json")) == dict.fromkeys(STAGES, "skipped")
     assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
     assert {s["state"] for s in status(m, out).values()} == {"done"}
 
@@ -53,12 +54,12 @@ def test_changed_input_makes_downstream_stale(tmp_path, sources):
     st = status(m, out)
     assert st["fetch"]["state"] == "stale" and "sources.fp8 changed" in st["fetch"]["why"]
     assert actions(pipeline("run", "--manifest", m, "--out", out, "--json")) == {
-        "fetch": "ran", "reconcile": "skipped", "write": "skipped"}
+        "fetch": "ran", "reconcile": "skipped", "write": "skipped", "verify": "skipped"}
 
     gen = sources / "hf-fp8" / "generation_config.json"
     gen.write_text(gen.read_text().replace("0.6", "0.7"))      # new content: everything downstream reruns
     p = pipeline("run", "--manifest", m, "--out", out, "--json")
-    assert actions(p) == dict.fromkeys(["fetch", "reconcile", "write"], "ran")
+    assert actions(p) == dict.fromkeys(STAGES, "ran")     # verify too: write rewrote manifest.json, unverified
     assert "0 written, 5 kept" in json.loads(p.stdout)["stages"][2]["summary"]     # no shard depends on it
     assert (out / "generation_config.json").read_text() == gen.read_text()
 
@@ -70,7 +71,7 @@ def test_changed_input_makes_downstream_stale(tmp_path, sources):
     assert "1 written, 4 kept" in json.loads(p.stdout)["stages"][2]["summary"]
 
     p = pipeline("run", "--manifest", m, "--out", out, "--json", "--keep-mtp")
-    assert actions(p) == {"fetch": "skipped", "reconcile": "ran", "write": "ran"}
+    assert actions(p) == {"fetch": "skipped", "reconcile": "ran", "write": "ran", "verify": "ran"}
 
 
 def test_sigkill_mid_write_then_resume_is_byte_identical(tmp_path):
@@ -95,7 +96,7 @@ def test_sigkill_mid_write_then_resume_is_byte_identical(tmp_path):
     kept = {n: (out / n).stat().st_mtime_ns for n in finished}
 
     p = pipeline("run", "--manifest", m, "--out", out, "--json")
-    assert f"{5 - len(finished)} written, {len(finished)} kept" in json.loads(p.stdout)["stages"][-1]["summary"]
+    assert f"{5 - len(finished)} written, {len(finished)} kept" in json.loads(p.stdout)["stages"][2]["summary"]
     assert kept == {n: (out / n).stat().st_mtime_ns for n in finished}
     assert final_files(out) == final_files(reference)
     assert not list(tmp.iterdir())

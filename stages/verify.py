@@ -1,0 +1,445 @@
+"""verify: prove, tensor by tensor, that the merged folder holds the right weights in the right places.
+
+Two checks per merged tensor, both against the sources read afresh (no trust in reconcile's plan or the writer):
+1. integrity: the shard bytes equal the source bytes, and their xxh3-128 equals the one in manifest.json;
+2. parity: the merged tensor, dequantized, against the same logical weight from the *other* source (routed experts
+   from the GGUF against the FP8 checkpoint's experts; FP8 tensors against their GGUF twins, attn_kv_b against
+   attn_k_b/attn_v_b rebuilt per head). A right tensor differs by its quantization error; a mis-mapped one
+   (wrong layer, swapped experts, transposed, k/v mixed up) by ~1.4 (two unrelated weights of equal scale).
+Work is one dask task per tensor and per bounded chunk of rows (whole experts), so it spreads over local cores or a
+distributed cluster with bounded memory per task; per-task results are logged so a killed verify resumes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .dag import Context, Result, Stage
+from .dequant import GGML_BLOCK, dequantize_fp8_block, dequantize_ggml
+from .errors import PipelineError
+from .formats import read_gguf, read_hf_checkpoint
+from .fsio import CHUNK, HASH_NAME, read_json, state_dir, write_json
+from .names import LAYOUT_SPLIT_KB, expected_weights
+from .reconcile import gguf_layout
+from .ui import byte_progress, console
+
+VERSION = 1
+RESULT = "verify.json"
+LOG = "verify/results.jsonl"             # under .pipeline/
+BUDGET = 1 << 24                         # values per side per parity task: 64 MB of float32, whatever the model
+
+# Relative RMS error of each GGML type against the unquantized weight, measured (benchmarks/quant_error.py):
+# K-quants on the fixture's llama-quantize output (Q4_K 0.071, Q6_K 0.019 once the FP8 side's share is removed) and
+# with ggml's own quantizer on Gaussian weights; legacy types with gguf.quants.quantize on Gaussian weights.
+OWN_ERROR = {"F32": 0.0, "F16": 0.0002, "BF16": 0.0017, "Q8_0": 0.0054, "Q6_K": 0.019, "Q5_K": 0.037,
+             "Q5_0": 0.043, "Q5_1": 0.038, "Q4_K": 0.071, "Q4_1": 0.078, "Q4_0": 0.086, "Q3_K": 0.17,
+             "Q2_K": 0.33, "IQ4_NL": 0.08, "IQ4_XS": 0.08, "IQ3_S": 0.14, "IQ3_XXS": 0.17, "IQ2_S": 0.24,
+             "IQ2_XS": 0.26, "IQ2_XXS": 0.30, "IQ1_M": 0.40, "IQ1_S": 0.45}
+FP8_ERROR = 0.026                        # e4m3 with 128x128 block scales, Gaussian weights
+MARGIN = 2.0                             # pass below twice the measured error; mis-mapped sits near 1.4
+FLOOR = 0.005                            # bf16 rounding of norms and routers
+
+
+def threshold(ggml_type: str, fp8_side: bool) -> float:
+    own = max(OWN_ERROR[ggml_type], FLOOR)
+    return MARGIN * math.hypot(own, FP8_ERROR if fp8_side else 0.0)
+
+
+# -- reading rows of a logical (rows, cols) matrix from any of the formats involved ---------------------------------
+
+def _pread(path: str, offset: int, length: int) -> np.ndarray:
+    with open(path, "rb", buffering=0) as f:
+        data = os.pread(f.fileno(), length, offset)
+    if len(data) != length:
+        raise PipelineError(f"{path}: file ended early at byte {offset + len(data)}")
+    return np.frombuffer(data, np.uint8)
+
+
+def read_rows(spec: dict, r0: int, r1: int) -> np.ndarray:
+    """Rows [r0, r1) of the weight described by `spec`, as float32 (r1 - r0, cols)."""
+    fmt, cols = spec["fmt"], spec["cols"]
+    if fmt == "ggml":
+        block, nbytes = GGML_BLOCK[spec["type"]]
+        row = cols // block * nbytes
+        return dequantize_ggml(_pread(spec["path"], spec["offset"] + r0 * row, (r1 - r0) * row), spec["type"],
+                               (r1 - r0, cols))
+    if fmt == "fp8":                      # r0 is a multiple of 128: the tile rows line up
+        codes = _pread(spec["path"], spec["offset"] + r0 * cols, (r1 - r0) * cols).reshape(r1 - r0, cols)
+        sc_cols = -(-cols // 128)
+        s0, s1 = r0 // 128, -(-r1 // 128)
+        scale = _pread(spec["scale_path"], spec["scale_offset"] + s0 * sc_cols * 4, (s1 - s0) * sc_cols * 4)
+        return dequantize_fp8_block(codes, scale.view(np.float32).reshape(s1 - s0, sc_cols))
+    if fmt == "stack":                    # one part per expert, `part_rows` rows each; chunks hold whole parts
+        n = spec["part_rows"]
+        return np.concatenate([read_rows(spec["parts"][e], 0, n) for e in range(r0 // n, r1 // n)])
+    if fmt == "kv_b":                     # attn_kv_b rows rebuilt per head from attn_k_b^T and attn_v_b
+        nope, v, kvr = spec["nope"], spec["v"], spec["kv_lora"]
+        heads = []
+        for h in range(r0 // (nope + v), r1 // (nope + v)):
+            heads.append(read_rows(spec["k_b"], h * kvr, (h + 1) * kvr).T)
+            heads.append(read_rows(spec["v_b"], h * v, (h + 1) * v))
+        return np.concatenate(heads)
+    raise ValueError(fmt)
+
+
+# -- tasks (run on workers: plain dicts in, small dicts out) ---------------------------------------------------------
+
+def integrity_task(t: dict) -> dict:
+    import xxhash
+    h = xxhash.xxh3_128()
+    path, begin, end = t["merged"]
+    problem = ""
+    if "value" in t:
+        data = _pread(path, begin, end - begin).tobytes()
+        h.update(data)
+        if int.from_bytes(data, "little", signed=True) != t["value"]:
+            problem = f"holds {int.from_bytes(data, 'little', signed=True)}, the GGUF says {t['value']}"
+    else:
+        with open(path, "rb", buffering=0) as merged:
+            merged.seek(begin)
+            pos = begin
+            for src, offset, length in t["segments"]:
+                with open(src, "rb", buffering=0) as s:
+                    s.seek(offset)
+                    while length and not problem:
+                        a, b = merged.read(min(CHUNK, length)), s.read(min(CHUNK, length))
+                        h.update(a)
+                        if a != b:
+                            first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
+                            problem = f"byte {pos + first - begin} differs from the source {Path(src).name}"
+                        pos, length = pos + len(a), length - len(a)
+    digest = h.hexdigest()
+    if not problem and digest != t["expect"]:
+        problem = f"xxh3_128 {digest} differs from manifest.json's {t['expect']}"
+    return {"id": t["id"], "name": t["name"], "kind": "integrity", "hash": digest, "problem": problem,
+            "bytes": end - begin}
+
+
+def parity_task(t: dict) -> dict:
+    import torch
+    torch.set_num_threads(1)              # one task per core; dask does the parallelism
+    r0, r1, group = t["rows"][0], t["rows"][1], t["group_rows"]
+    a = read_rows(t["merged"], r0, r1).astype(np.float64)
+    b = read_rows(t["twin"], r0, r1).astype(np.float64)
+    sums = []
+    for g0 in range(r0, r1, group):
+        x, y = a[g0 - r0:g0 - r0 + group], b[g0 - r0:g0 - r0 + group]
+        finite = bool(np.isfinite(x).all())
+        x = np.nan_to_num(x)
+        sums.append([g0 // group, float(((x - y) ** 2).sum()), float((y * y).sum()), float((x * y).sum()),
+                     float((x * x).sum()), finite])
+    return {"id": t["id"], "name": t["name"], "kind": "parity", "groups": sums, "bytes": t["bytes"]}
+
+
+def run_task(t: dict) -> dict:
+    start = time.perf_counter()
+    out = integrity_task(t) if t["kind"] == "integrity" else parity_task(t)
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+# -- building the task list ------------------------------------------------------------------------------------------
+
+def ggml_spec(ref, rows: int, cols: int) -> dict:
+    return {"fmt": "ggml", "type": ref.ggml_type, "path": str(ref.file), "offset": ref.offset, "rows": rows,
+            "cols": cols}
+
+
+def fp8_spec(weight, scale, rows: int, cols: int) -> dict:
+    """An FP8 weight + scale (TensorRefs or manifest entries), or a plain BF16/F16/F32 weight as an exact GGML type."""
+    path, offset, dtype = weight
+    if dtype == "F8_E4M3":
+        return {"fmt": "fp8", "path": path, "offset": offset, "scale_path": scale[0], "scale_offset": scale[1],
+                "rows": rows, "cols": cols}
+    return {"fmt": "ggml", "type": {"F32": 0, "F16": 1, "BF16": 30}[dtype], "path": path, "offset": offset,
+            "rows": rows, "cols": cols}
+
+
+def as_2d(shape) -> tuple[int, int]:
+    return (1, shape[0]) if len(shape) == 1 else (math.prod(shape[:-1]), shape[-1])
+
+
+def build_tasks(out: Path, manifest: dict, fp8_root: Path, gguf_files: list[Path]) -> tuple[list[dict], dict]:
+    cfg, hf = read_hf_checkpoint(fp8_root)
+    gg = read_gguf(gguf_files)
+    weights = {w.out: w for w in expected_weights(cfg, gguf_layout(gg.meta))}
+    tensors = manifest["tensors"]
+    tasks, info = [], {}
+    for name, e in tensors.items():
+        shard = str(out / e["shard"])
+        key = f"{name}:{e[HASH_NAME]}"
+        src = e["source"]
+        integrity = {"kind": "integrity", "id": f"integrity:{key}", "name": name, "merged": [shard, *e["offsets"]],
+                     "expect": e[HASH_NAME], "bytes": e["offsets"][1] - e["offsets"][0]}
+        if src["side"] == "value":
+            sibling = tensors[name.removesuffix(".ggml_type") + ".weight"]["source"]["name"]
+            integrity["value"] = gg.tensors[sibling].ggml_type
+        else:
+            table = hf if src["side"] == "fp8" else gg.tensors
+            names = src["name"] if isinstance(src["name"], list) else [src["name"]]
+            missing = [n for n in names if n not in table]
+            if missing:
+                raise PipelineError(f"manifest.json: tensor {name}: its source {missing[0]} is not in the "
+                                    f"{src['side']} source")
+            integrity["segments"] = [[str(table[n].file), table[n].offset, table[n].length] for n in names]
+        tasks.append(integrity)
+
+        w = weights.get(name)
+        if w is None:                    # scales, .ggml_type, MTP: integrity only (a scale's parity is its weight's)
+            info[name] = {"twin": None}
+            continue
+        rows, cols = as_2d(w.shape)
+        if w.source == "gguf":           # routed experts: merged GGML bytes vs the checkpoint's FP8 experts
+            per = rows // len(w.hf)
+            merged = {"fmt": "ggml", "type": e["ggml_type_id"], "path": shard, "offset": e["offsets"][0],
+                      "rows": rows, "cols": cols}
+            parts = [fp8_spec((str(hf[n].file), hf[n].offset, hf[n].dtype),
+                              (str(hf[n + "_scale_inv"].file), hf[n + "_scale_inv"].offset) if
+                              n + "_scale_inv" in hf else None, per, cols) for n in w.hf]
+            twin = {"fmt": "stack", "parts": parts, "part_rows": per, "rows": rows, "cols": cols}
+            group, unit, kind, fp8_side = per, per, e["ggml_type"], True
+            info[name] = {"twin": f"checkpoint {w.hf[0].replace('.0.', '.E.', 1)} (E = 0..{len(w.hf) - 1})",
+                          "experts": len(w.hf)}
+        else:                            # checkpoint tensor vs its GGUF twin(s)
+            scale = tensors.get(name + "_scale_inv")
+            merged = fp8_spec((shard, e["offsets"][0], e["dtype"]), (shard, scale["offsets"][0]) if scale else None,
+                              rows, cols)
+            fp8_side = e["dtype"] == "F8_E4M3"
+            group = rows
+            if len(w.gguf) == 2:         # attn_kv_b vs attn_k_b + attn_v_b, per head
+                k_ref, v_ref = (gg.tensors[n] for n in w.gguf)
+                nh, kvr, nope = k_ref.shape
+                v = v_ref.shape[1]
+                twin = {"fmt": "kv_b", "k_b": ggml_spec(k_ref, nh * kvr, nope), "v_b": ggml_spec(v_ref, nh * v, kvr),
+                        "nope": nope, "v": v, "kv_lora": kvr, "rows": rows, "cols": cols}
+                unit = math.lcm(nope + v, 128)
+                kind = max((k_ref.dtype, v_ref.dtype), key=lambda k: OWN_ERROR[k])
+            else:
+                ref = gg.tensors[next(iter(w.gguf))]
+                twin, unit, kind = ggml_spec(ref, rows, cols), 128 if fp8_side else 1, ref.dtype
+            info[name] = {"twin": "GGUF " + " + ".join(w.gguf)}
+        info[name].update(threshold=threshold(kind, fp8_side), type=kind)
+        step = max(unit, BUDGET // cols // unit * unit)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            tasks.append({"kind": "parity", "id": f"parity:{key}:{r0}", "name": name, "rows": [r0, r1],
+                          "group_rows": group,
+                          "merged": merged, "twin": twin, "bytes": (r1 - r0) * cols})
+    return tasks, info
+
+
+# -- running the tasks: dask locally or on a cluster ----------------------------------------------------------------
+
+def execute(tasks: list[dict], on_result, scheduler: str | None, workers: int | None) -> None:
+    """Run every task once; `on_result(result)` is called in this process as each one finishes."""
+    if scheduler or workers:
+        from distributed import Client, LocalCluster, as_completed
+        cluster = None
+        if scheduler:
+            client = Client(scheduler)
+        else:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=":0", silence_logs="error")
+            client = Client(cluster)
+        console.print(f"dask cluster: {len(client.scheduler_info()['workers'])} workers, "
+                      f"dashboard {client.dashboard_link}")
+        try:
+            futures = client.map(run_task, tasks, pure=False)
+            for fut in as_completed(futures):
+                on_result(fut.result())
+                fut.release()
+        finally:
+            client.close()
+            if cluster:
+                cluster.close()
+        return
+    import dask
+    from dask.callbacks import Callback
+
+    keys = {}
+
+    def posttask(key, result, dsk, state, worker_id):
+        if key in keys:
+            on_result(result)
+
+    graph = [dask.delayed(run_task, pure=False)(t, dask_key_name=f"task-{i}") for i, t in enumerate(tasks)]
+    keys.update({f"task-{i}": i for i in range(len(tasks))})
+    with Callback(posttask=posttask):
+        dask.compute(*graph, scheduler="threads", num_workers=os.cpu_count())
+
+
+# -- results ---------------------------------------------------------------------------------------------------------
+
+def load_log(path: Path) -> dict[str, dict]:
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:          # the last line of a killed run may be cut
+                continue
+            done[r["id"]] = r
+    return done
+
+
+def summarize(manifest: dict, info: dict, results: dict[str, dict]) -> dict:
+    per = {n: {"status": "pass", "problems": []} for n in manifest["tensors"]}
+    sums: dict[str, dict[int, list]] = {}
+    for r in results.values():
+        t = per[r["name"]]
+        t["seconds"] = t.get("seconds", 0.0) + r["seconds"]
+        if r["kind"] == "integrity":
+            t[HASH_NAME] = r["hash"]
+            if r["problem"]:
+                t["problems"].append(f"integrity: {r['problem']}")
+            continue
+        acc = sums.setdefault(r["name"], {})
+        for g, d2, b2, ab, a2, finite in r["groups"]:
+            s = acc.setdefault(g, [0.0, 0.0, 0.0, 0.0, True])
+            s[0] += d2; s[1] += b2; s[2] += ab; s[3] += a2; s[4] &= finite
+    for name, acc in sums.items():
+        t, i = per[name], info[name]
+        rel = {g: math.sqrt(d2 / b2) if b2 > 0 else (0.0 if d2 == 0 else math.inf) for g, (d2, b2, *_) in acc.items()}
+        cos = {g: ab / math.sqrt(a2 * b2) if a2 > 0 and b2 > 0 else (1.0 if a2 == b2 else 0.0)
+               for g, (_, b2, ab, a2, _) in acc.items()}
+        worst = max(rel, key=lambda g: rel[g])
+        t.update(twin=i["twin"], type=i["type"], threshold=round(i["threshold"], 5), rel_error=rel[worst],
+                 cosine=cos[worst])
+        if "experts" in i:
+            t["worst_expert"] = worst
+            t["experts"] = {"rel_error": [round(rel[g], 6) for g in sorted(rel)],
+                            "cosine": [round(cos[g], 6) for g in sorted(cos)]}
+            bad = [g for g in sorted(rel) if not rel[g] <= i["threshold"]]
+            for g in bad[:8]:
+                t["problems"].append(f"expert {g}: rel. error {rel[g]:.3f} > {i['threshold']:.3f} "
+                                     f"(cosine {cos[g]:.3f}) against the checkpoint's expert {g}")
+            if len(bad) > 8:
+                t["problems"].append(f"... and {len(bad) - 8} more experts over the threshold")
+        elif not rel[worst] <= i["threshold"]:
+            t["problems"].append(f"rel. error {rel[worst]:.3f} > {i['threshold']:.3f} (cosine {cos[worst]:.3f}) "
+                                 f"against {i['twin']}")
+        if not all(s[4] for s in acc.values()):
+            t["problems"].append("holds NaN or Inf")
+    for t in per.values():
+        if t["problems"]:
+            t["status"] = "fail"
+        if "rel_error" in t:
+            t["rel_error"], t["cosine"] = round(t["rel_error"], 6), round(t["cosine"], 6)
+    failed = sorted(n for n, t in per.items() if t["status"] == "fail")
+    return {"verdict": "fail" if failed else "pass",
+            "summary": {"tensors": len(per), "passed": len(per) - len(failed), "failed": len(failed),
+                        "parity_checked": len(sums), "bytes": sum(r["bytes"] for r in results.values()
+                                                                    if r["kind"] == "integrity")},
+            "failed": failed, "thresholds": {"own_error": OWN_ERROR, "fp8_error": FP8_ERROR, "margin": MARGIN},
+            "tensors": per}
+
+
+def print_report(report: dict, top: int = 12) -> None:
+    from rich.table import Table
+    rows = sorted(((n, t) for n, t in report["tensors"].items() if "rel_error" in t),
+                  key=lambda nt: (nt[1]["status"] == "pass", -nt[1]["rel_error"] / max(nt[1]["threshold"], 1e-9)))
+    failed_only = [(n, t) for n, t in report["tensors"].items() if t["status"] == "fail" and "rel_error" not in t]
+    table = Table(title="verify: worst tensors (rel. RMS error against the other source)")
+    table.add_column("tensor", overflow="fold")
+    for col in ("type", "rel. error", "threshold", "cosine", "worst expert", "status"):
+        table.add_column(col)
+    for n, t in failed_only + rows[:top]:
+        table.add_row(n, t.get("type", ""), f"{t['rel_error']:.4f}" if "rel_error" in t else "",
+                      f"{t['threshold']:.4f}" if "threshold" in t else "", f"{t['cosine']:.4f}" if "cosine" in t else "",
+                      str(t.get("worst_expert", "")), "[green]pass[/]" if t["status"] == "pass" else "[red]FAIL[/]")
+    console.print(table)
+    for n in report["failed"]:
+        for p in report["tensors"][n]["problems"]:
+            console.print(f"[red]FAIL[/] {n}: {p}", soft_wrap=True)
+    s = report["summary"]
+    verdict = "[bold green]PASS[/]" if report["verdict"] == "pass" else "[bold red]FAIL[/]"
+    console.print(f"{verdict}: {s['passed']}/{s['tensors']} tensors verified ({s['parity_checked']} against the other "
+                  f"source), {s['bytes'] / 1e9:.2f} GB checked")
+
+
+def junit_xml(report: dict) -> str:
+    """One testcase per merged tensor, grouped by layer: what CI dashboards show."""
+    import xml.etree.ElementTree as ET
+    s = report["summary"]
+    suite = ET.Element("testsuite", name="verify", tests=str(s["tensors"]), failures=str(s["failed"]), errors="0")
+    for n, t in sorted(report["tensors"].items()):
+        case = ET.SubElement(suite, "testcase", classname=n.rsplit(".", 2)[0] if n.startswith("blk.") else "model",
+                             name=n, time=f"{t.get('seconds', 0.0):.3f}")
+        if t["status"] == "fail":
+            ET.SubElement(case, "failure", message=t["problems"][0]).text = "\n".join(t["problems"])
+    return ET.tostring(ET.Element("testsuites"), encoding="unicode").replace(
+        "<testsuites />", "<testsuites>" + ET.tostring(suite, encoding="unicode") + "</testsuites>")
+
+
+class VerifyFailed(PipelineError):
+    """The merged folder does not hold what it should: exit 1, not 2 (the run itself worked)."""
+    exit_code = 1
+
+
+def set_verified(out: Path, verified: bool) -> None:
+    path = out / "manifest.json"
+    manifest = read_json(path)
+    if manifest.get("verified") != verified:
+        manifest["verified"] = verified
+        write_json(path, manifest, out)
+
+
+def run(ctx: Context) -> Result:
+    sources = ctx.result("fetch")
+    manifest = read_json(ctx.out / "manifest.json")
+    set_verified(ctx.out, False)
+    tasks, info = build_tasks(ctx.out, manifest, Path(sources["fp8"]["root"]),
+                              [Path(sources["gguf"]["root"]) / n for n in sources["gguf"]["order"]])
+    log_path = state_dir(ctx.out) / LOG
+    log_path.parent.mkdir(exist_ok=True)
+    if ctx.forced:
+        log_path.unlink(missing_ok=True)
+    wanted = {t["id"] for t in tasks}
+    results = {k: v for k, v in load_log(log_path).items() if k in wanted}
+    todo = sorted((t for t in tasks if t["id"] not in results), key=lambda t: -t["bytes"])   # big first: balance
+    if results:
+        console.print(f"verify: {len(results)} of {len(tasks)} tasks already done by an earlier run")
+    start = time.time()
+    with open(log_path, "a") as log, byte_progress("verify", sum(t["bytes"] for t in todo), len(todo),
+                                                   "tasks") as advance:
+        last_sync = [time.monotonic()]
+
+        def on_result(r: dict) -> None:
+            results[r["id"]] = r
+            log.write(json.dumps(r) + "\n")
+            log.flush()
+            if time.monotonic() - last_sync[0] > 5:
+                os.fsync(log.fileno())
+                last_sync[0] = time.monotonic()
+            advance(r["bytes"], 1)
+
+        if todo:
+            execute(todo, on_result, ctx.verify.get("scheduler"), ctx.verify.get("workers"))
+    report = summarize(manifest, info, results)
+    report["summary"]["seconds"] = round(time.time() - start, 3)
+    write_json(ctx.out / RESULT, report, ctx.out)
+    print_report(report)
+    if report["verdict"] != "pass":
+        raise VerifyFailed(f"verify: {report['summary']['failed']} of {report['summary']['tensors']} tensors failed "
+                           f"(details in {ctx.out / RESULT}); manifest.json stays verified: false")
+    set_verified(ctx.out, True)
+    s = report["summary"]
+    return Result(result=RESULT, outputs=[RESULT], json_checks={"manifest.json": {"field": "verified", "equals": True}},
+                  summary=f"PASS: {s['passed']}/{s['tensors']} tensors, {s['parity_checked']} against the other "
+                          f"source, {s['bytes'] / 1e9:.2f} GB")
+
+
+def fingerprint(ctx: Context) -> dict:
+    return {"thresholds": [OWN_ERROR, FP8_ERROR, MARGIN, FLOOR]}
+
+
+STAGE = Stage("verify", needs=("fetch", "write"),
+              inputs="the merged folder (manifest.json, shards); both sources read afresh",
+              outputs="verify.json (per tensor: integrity hash, rel. error, cosine, threshold); "
+                      "manifest.json verified: true when all pass",
+              version=VERSION, fingerprint=fingerprint, run=run, options={"workers": int, "scheduler": str})

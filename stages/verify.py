@@ -33,21 +33,23 @@ RESULT = "verify.json"
 LOG = "verify/results.jsonl"             # under .pipeline/
 BUDGET = 1 << 24                         # values per side per parity task: 64 MB of float32, whatever the model
 
-# Relative RMS error of each GGML type against the unquantized weight, measured (benchmarks/quant_error.py):
-# K-quants on the fixture's llama-quantize output (Q4_K 0.071, Q6_K 0.019 once the FP8 side's share is removed) and
-# with ggml's own quantizer on Gaussian weights; legacy types with gguf.quants.quantize on Gaussian weights.
-OWN_ERROR = {"F32": 0.0, "F16": 0.0002, "BF16": 0.0017, "Q8_0": 0.0054, "Q6_K": 0.019, "Q5_K": 0.037,
-             "Q5_0": 0.043, "Q5_1": 0.038, "Q4_K": 0.071, "Q4_1": 0.078, "Q4_0": 0.086, "Q3_K": 0.17,
-             "Q2_K": 0.33, "IQ4_NL": 0.08, "IQ4_XS": 0.08, "IQ3_S": 0.14, "IQ3_XXS": 0.17, "IQ2_S": 0.24,
-             "IQ2_XS": 0.26, "IQ2_XXS": 0.30, "IQ1_M": 0.40, "IQ1_S": 0.45}
-FP8_ERROR = 0.026                        # e4m3 with 128x128 block scales, Gaussian weights
-MARGIN = 2.0                             # pass below twice the measured error; mis-mapped sits near 1.4
+# Relative RMS error of each type against the unquantized weight, measured by benchmarks/quant_error.py on Gaussian
+# weights (std 0.02, 512x4096) with ggml's own quantizer (IQ types with a uniform importance matrix). On the fixture,
+# llama-quantize's Q4_K / Q6_K experts sit at 0.0766 / 0.0321 against the FP8 checkpoint: hypot(own, FP8_ERROR) of
+# these numbers predicts 0.076 / 0.032, so the table transfers to real weights.
+OWN_ERROR = {"F32": 0.0, "F16": 0.0002, "BF16": 0.0017, "Q8_0": 0.0054, "Q6_K": 0.0178, "Q5_K": 0.0361,
+             "Q5_1": 0.0378, "Q5_0": 0.0427, "Q4_K": 0.0713, "IQ4_NL": 0.0761, "IQ4_XS": 0.0767, "Q4_1": 0.0782,
+             "Q4_0": 0.0860, "Q3_K": 0.1510, "IQ3_S": 0.1660, "IQ3_XXS": 0.2131, "IQ2_S": 0.2648, "Q2_K": 0.2966,
+             "IQ2_XS": 0.2997, "IQ2_XXS": 0.3438, "IQ1_S": 0.4856, "IQ1_M": 0.5821}
+FP8_ERROR = 0.0264                       # e4m3 with 128x128 block scales, same Gaussian weights
+MARGIN = 2.0                             # pass below twice the measured error ...
+CAP = 0.9                                # ... but never near the ~1.4 of two unrelated weights (IQ1 types)
 FLOOR = 0.005                            # bf16 rounding of norms and routers
 
 
 def threshold(ggml_type: str, fp8_side: bool) -> float:
     own = max(OWN_ERROR[ggml_type], FLOOR)
-    return MARGIN * math.hypot(own, FP8_ERROR if fp8_side else 0.0)
+    return min(CAP, MARGIN * math.hypot(own, FP8_ERROR if fp8_side else 0.0))
 
 
 # -- reading rows of a logical (rows, cols) matrix from any of the formats involved ---------------------------------
@@ -335,7 +337,8 @@ def summarize(manifest: dict, info: dict, results: dict[str, dict]) -> dict:
             "summary": {"tensors": len(per), "passed": len(per) - len(failed), "failed": len(failed),
                         "parity_checked": len(sums), "bytes": sum(r["bytes"] for r in results.values()
                                                                     if r["kind"] == "integrity")},
-            "failed": failed, "thresholds": {"own_error": OWN_ERROR, "fp8_error": FP8_ERROR, "margin": MARGIN},
+            "failed": failed,
+            "thresholds": {"own_error": OWN_ERROR, "fp8_error": FP8_ERROR, "margin": MARGIN, "cap": CAP},
             "tensors": per}
 
 
@@ -435,7 +438,7 @@ def run(ctx: Context) -> Result:
 
 
 def fingerprint(ctx: Context) -> dict:
-    return {"thresholds": [OWN_ERROR, FP8_ERROR, MARGIN, FLOOR]}
+    return {"thresholds": [OWN_ERROR, FP8_ERROR, MARGIN, CAP, FLOOR]}
 
 
 STAGE = Stage("verify", needs=("fetch", "write"),

@@ -92,30 +92,72 @@ def gguf_files(src: Source, root: Path) -> list[str]:
 # -- hub sources ----------------------------------------------------------------------------------------------------
 
 def download(src: Source) -> tuple[Path, str]:
-    """snapshot_download with the needed patterns; returns (snapshot folder, commit sha)."""
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    """snapshot_download with the needed patterns; returns (snapshot folder, commit sha).
 
+    What resumes, with huggingface_hub 2.4.0: within one call it retries a broken transfer itself (up to 5 times,
+    with `Range: bytes=K-` from the last whole 10 MiB chunk it received), and every file that completed stays in the
+    cache. Its partial file is private to the call and deleted when the call fails, so when it gives up, our retry
+    (a new call) fetches again only the file(s) that broke, from their start. Only transient failures (connection
+    cut, timeout, short read, HTTP 5xx/429) are retried; everything else is one clear line for the user.
+    """
+    import contextlib
+    import errno
+
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.utils import disable_progress_bars
+    from rich.markup import escape
+
+    where = f"sources.{src.kind}: {src.repo}@{src.revision}"
     patterns = FP8_PATTERNS if src.kind == "fp8" else [src.include or "*.gguf"]
+    # Off a terminal (logs, CI) our own bars are off; silence huggingface_hub's tqdm bars too (\r noise), unless
+    # HF_HUB_DISABLE_PROGRESS_BARS says otherwise.
+    quiet = not console.is_terminal and constants.HF_HUB_DISABLE_PROGRESS_BARS is None
+    console.print(f"fetch {src.repo}@{src.revision}" + (f" ({src.include})" if src.include else "")
+                  + f" into {constants.HF_HUB_CACHE}", markup=False, soft_wrap=True)
     last = None
     for attempt in range(DOWNLOAD_ATTEMPTS):
         try:
-            path = Path(huggingface_hub.snapshot_download(repo_id=src.repo, revision=src.revision,
-                                                          allow_patterns=patterns))
+            with disable_progress_bars() if quiet else contextlib.nullcontext():
+                path = Path(huggingface_hub.snapshot_download(repo_id=src.repo, revision=src.revision,
+                                                              allow_patterns=patterns))
             return path, path.name
+        except GatedRepoError:
+            raise PipelineError(f"{where}: gated repo: accept its terms on the hub, then set HF_TOKEN") from None
         except RepositoryNotFoundError:
             raise PipelineError(f"sources.{src.kind}: repo {src.repo} not found (or private: set HF_TOKEN)") from None
-        except LocalEntryNotFoundError as e:
-            raise PipelineError(f"sources.{src.kind}: {src.repo}@{src.revision} is not in the local cache and "
-                                f"the hub cannot be reached ({_first_line(e)})") from None
-        except (HfHubHTTPError, OSError, Exception) as e:   # cut connections, timeouts: retry, the download resumes
-            if isinstance(e, HfHubHTTPError) and getattr(e.response, "status_code", 500) in (401, 403, 404):
-                raise PipelineError(f"sources.{src.kind}: {src.repo}@{src.revision}: {_first_line(e)}") from None
+        except RevisionNotFoundError:
+            raise PipelineError(f"{where}: no revision {src.revision} in {src.repo}") from None
+        except LocalEntryNotFoundError as e:         # includes IncompleteSnapshotError
+            if constants.is_offline_mode():
+                raise PipelineError(f"{where}: not (completely) in the local cache {constants.HF_HUB_CACHE}, and "
+                                    "offline mode (HF_HUB_OFFLINE) forbids downloading it") from None
+            raise PipelineError(f"{where}: not in the local cache and the hub cannot be reached "
+                                f"({_first_line(e)})") from None
+        except HFValidationError as e:
+            raise PipelineError(f"sources.{src.kind}: {_first_line(e)}") from None
+        except HfHubHTTPError as e:
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            detail = e.server_message.splitlines()[0] if e.server_message else _first_line(e)
+            if status in (401, 403):
+                raise PipelineError(f"{where}: access denied (HTTP {status}: {detail}); check HF_TOKEN") from None
+            if status is not None and status < 500 and status != 429:
+                raise PipelineError(f"{where}: HTTP {status}: {detail}") from None
+            last = e                                 # hub overloaded or down for a moment: retry
+        except (httpx2.TransportError, OSError) as e:   # cut connection, timeout, short read: retry
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+                raise PipelineError(f"{where}: cannot write the hub cache {constants.HF_HUB_CACHE}: "
+                                    f"{e.strerror or _first_line(e)}") from None
             last = e
-            console.print(f"[yellow]download of {src.repo} interrupted ({_first_line(e)}); "
-                          f"resuming ({attempt + 1}/{DOWNLOAD_ATTEMPTS})[/]")
-    raise PipelineError(f"sources.{src.kind}: download of {src.repo}@{src.revision} failed "
-                        f"after {DOWNLOAD_ATTEMPTS} attempts: {_first_line(last)}")
+        except Exception as e:                       # not transient: no retry, one line
+            raise PipelineError(f"{where}: download failed: {type(e).__name__}: {_first_line(e)}") from None
+        if attempt + 1 < DOWNLOAD_ATTEMPTS:
+            console.print(f"[yellow]download of {src.repo} interrupted ({escape(_first_line(last))}); "
+                          f"retrying ({attempt + 1}/{DOWNLOAD_ATTEMPTS - 1})[/]", soft_wrap=True)
+    raise PipelineError(f"{where}: download failed after {DOWNLOAD_ATTEMPTS} attempts: {_first_line(last)}")
 
 
 def _first_line(e) -> str:

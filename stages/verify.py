@@ -174,7 +174,8 @@ def build_tasks(out: Path, manifest: dict, fp8_root: Path, gguf_files: list[Path
     tasks, info = [], {}
     for name, e in tensors.items():
         shard = str(out / e["shard"])
-        key = f"{name}:{e[HASH_NAME]}"
+        st = os.stat(shard)              # the file as it is now: a shard written again since is checked again,
+        key = f"v{VERSION}:{name}:{e[HASH_NAME]}:{st.st_size}.{st.st_mtime_ns}"   # not from an earlier run's log
         src = e["source"]
         integrity = {"kind": "integrity", "id": f"integrity:{key}", "name": name, "merged": [shard, *e["offsets"]],
                      "expect": e[HASH_NAME], "bytes": e["offsets"][1] - e["offsets"][0]}
@@ -246,14 +247,23 @@ def execute(tasks: list[dict], on_result, scheduler: str | None, workers: int | 
             client = Client(scheduler)
         else:
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=":0", silence_logs="error")
+                                   dashboard_address=":0", silence_logs="ERROR")   # a logging level name:
+            # the worker process passes it to Logger.setLevel, which refuses "error" (Nanny failed to start)
             client = Client(cluster)
         console.print(f"dask cluster: {len(client.scheduler_info()['workers'])} workers, "
                       f"dashboard {client.dashboard_link}")
         try:
             futures = client.map(run_task, tasks, pure=False)
             for fut in as_completed(futures):
-                on_result(fut.result())
+                try:
+                    result = fut.result()
+                except PipelineError:
+                    raise
+                except Exception as e:   # typically a worker that cannot import this project or see the files
+                    raise PipelineError(f"dask cluster {client.scheduler.address}: a verify task failed on a worker "
+                                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); workers "
+                                        "need this project installed and the same paths to the model files") from None
+                on_result(result)
                 fut.release()
         finally:
             client.close()
@@ -410,6 +420,8 @@ def run(ctx: Context) -> Result:
     start = time.time()
     with open(log_path, "a") as log, byte_progress("verify", sum(t["bytes"] for t in todo), len(todo),
                                                    "tasks") as advance:
+        if log.tell() and _pread(str(log_path), log.tell() - 1, 1)[0] != ord("\n"):
+            log.write("\n")              # a killed run cut its last line: don't glue the next result onto it
         last_sync = [time.monotonic()]
 
         def on_result(r: dict) -> None:

@@ -435,3 +435,20 @@ def test_tampered_shard_fails_the_checksum_on_load(commands):
     e = json.loads((folder / "manifest.json").read_text())["tensors"][TAMPERED]
     with pytest.raises(ModelError, match=rf"{e['shard']}: tensor {TAMPERED} does not match its checksum"):
         open_folder(folder)
+
+
+def test_opens_a_seed_system_folder(merged, model, prose_ids, tmp_path):
+    """What the seed system's merge script leaves: per-layer shards with GGUF-style keys and U8 + .ggml_type experts,
+    no manifest and no index (its users add the model's config.json and tokenizer). Same weights, same logits."""
+    seed = tmp_path / "seed"
+    (seed / "sub").mkdir(parents=True)
+    for i, shard in enumerate(sorted(merged.glob("model-*.safetensors"))):
+        shutil.copy(shard, seed / ("sub" if i % 2 else ".") / f"{i}.safetensors")      # scanned recursively
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(merged / name, seed / name)
+    folder = open_folder(seed)
+    assert not folder.verified and folder.manifest is None
+    exps = folder.tensors["blk.1.ffn_down_exps.weight"]
+    assert exps.logical_shape == (16, 256, 256) and exps.ggml_type in (12, 14)
+    seed_model = runtime.load(seed, max_len=1024)
+    assert torch.equal(runtime.logits(seed_model, prose_ids[:64]), runtime.logits(model, prose_ids[:64]))

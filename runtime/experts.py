@@ -7,14 +7,17 @@ share an expert are batched against it).
 
     out[t] = sum_k weights[t, k] * down_e(silu(gate_e(x[t])) * up_e(x[t])),  e = expert_ids[t, k]
 
-Activations are rounded to ggml's matching dot-product format before each matmul (Q8_K for K-quants, Q8_0
-for Q5_0/Q8_0), ~0.5% relative error per matmul, ~1% through the three; that is the accuracy ggml gives.
+Activations are rounded to ggml's matching dot-product format before each matmul (int8 blocks: Q8_K of 256 for
+K-quants, Q8_0 of 32 for Q5_0/Q8_0): a relative error of ~2.3e-3 x (block max / rms) per rounded vector, 1.5-2%
+through the layer against float64 on the real fixture (tests/test_experts.py). That is the accuracy ggml gives.
 
 Graphs are built once per (padded token count, weight types, shapes, threads) and shared by all layers of
 that kind: a call points the graph's three weight tensors at its own layer's bytes, copies its inputs in and
 runs the prebuilt plan. Token counts are padded up to a power of two (<= max_tokens; longer inputs are cut
 into chunks of max_tokens), the padding rows repeating the chunk's first token's experts with weight 0, so
-they touch no extra expert bytes.
+they touch no extra expert bytes. A graph's buffers take (2 hidden + 4 k inter + k hidden) * 4 bytes per padded
+token: 140 MB for 256 DeepSeek-V3 tokens, ~280 MB for all buckets up to 256 together.
+ggml's compute releases the GIL; one call at a time per graph (a lock), so layers run one after another.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ class StackedExperts:
         e, rows, cols = self.shape
         want = e * rows * G.row_size(self.ggml_type, cols)
         if self.data.dtype != np.uint8 or self.data.ndim != 1 or not self.data.flags.c_contiguous:
-            raise ValueError(f"expert bytes must be a flat contiguous uint8 array, got {self.data.dtype} {self.data.shape}")
+            raise ValueError(f"expert bytes must be a flat contiguous uint8 array, "
+                             f"got {self.data.dtype} {self.data.shape}")
         if self.data.size != want:
             raise ValueError(f"{G.type_name(self.ggml_type)} {self.shape}: expected {want} bytes, got {self.data.size}")
 
@@ -63,8 +67,8 @@ class _Graph:
         gate = new(G.mul_mat_id(c, self.w_gate, self.x, self.ids))   # (I, k, T)
         up = new(G.mul_mat_id(c, self.w_up, self.x, self.ids))       # (I, k, T)
         h = new(G.swiglu(c, gate, up))                               # silu(gate) * up
+        h = new(G.mul(c, h, self.w))                                 # * routing weight, before down: I < H values
         y = new(G.mul_mat_id(c, self.w_down, h, self.ids))           # (H, k, T)
-        y = G.mul_inplace(c, y, self.w)                              # * routing weight (broadcast over H)
         rows = lambda i: G.view_2d(c, y, H, T, G.row_stride(y, 2), i * G.row_stride(y, 1))  # noqa: E731  (H, T)
         out = rows(0)                                                # k == 1: y itself is the output
         for i in range(1, k):                                        # sum over k, like llama.cpp's build_moe_ffn
@@ -84,7 +88,7 @@ _graphs_lock = threading.Lock()
 
 
 def clear_graph_cache() -> None:
-    """Free every cached graph (their buffers: ~(hidden + 3 k inter + k hidden) * 4 bytes per padded token)."""
+    """Free every cached graph and its buffers."""
     with _graphs_lock:
         _graphs.clear()
 
@@ -94,12 +98,15 @@ class MoEExperts:
     gate/up (experts, inter, hidden), down (experts, hidden, inter); their types may differ."""
 
     def __init__(self, gate, up, down, threads: int | None = None, max_tokens: int = 256):
-        self.gate, self.up, self.down = (s if isinstance(s, StackedExperts) else StackedExperts(*s) for s in (gate, up, down))
+        self.gate, self.up, self.down = (s if isinstance(s, StackedExperts) else StackedExperts(*s)
+                                         for s in (gate, up, down))
         self.experts, self.inter, self.hidden = self.gate.shape
         if self.up.shape != self.gate.shape or self.down.shape != (self.experts, self.hidden, self.inter):
-            raise ValueError(f"inconsistent expert shapes: gate {self.gate.shape} up {self.up.shape} down {self.down.shape}")
+            raise ValueError(f"inconsistent expert shapes: gate {self.gate.shape} up {self.up.shape} "
+                             f"down {self.down.shape}")
         self.threads = threads or G.physical_cores()
         self.max_tokens = max_tokens
+        self._addresses = [s.data.ctypes.data for s in (self.gate, self.up, self.down)]
 
     @classmethod
     def from_folder(cls, folder, layer: int, manifest: dict | None = None, **kw) -> MoEExperts:
@@ -130,7 +137,8 @@ class MoEExperts:
             raise ValueError(f"expert_ids must be a 2-d integer array, got {ids.dtype} {ids.shape}")
         T, k = ids.shape
         if x.shape != (T, self.hidden) or w.shape != (T, k):
-            raise ValueError(f"x {x.shape}, expert_ids {ids.shape}, weights {w.shape}: want (T, {self.hidden}), (T, k), (T, k)")
+            raise ValueError(f"x {x.shape}, expert_ids {ids.shape}, weights {w.shape}: "
+                             f"want (T, {self.hidden}), (T, k), (T, k)")
         if ids.size and (ids.min() < 0 or ids.max() >= self.experts):  # ggml would abort the process
             raise ValueError(f"expert ids must be in [0, {self.experts}), got [{ids.min()}, {ids.max()}]")
         out = np.empty((T, self.hidden), np.float32)
@@ -145,8 +153,8 @@ class MoEExperts:
         n, k = ids.shape
         g = self._graph(min(1 << (n - 1).bit_length(), self.max_tokens), k)
         with g.lock:
-            for t, s in ((g.w_gate, self.gate), (g.w_up, self.up), (g.w_down, self.down)):
-                G.set_data(t, s.data.ctypes.data)
+            for t, address in zip((g.w_gate, g.w_up, g.w_down), self._addresses):  # this layer's bytes
+                G.set_data(t, address)
             g.x_np[:n], g.ids_np[:n], g.w_np[:n] = x, ids, w
             g.x_np[n:], g.ids_np[n:], g.w_np[n:] = 0, ids[0], 0  # padding rows: no new experts, weight 0
             g.graph.compute()

@@ -11,16 +11,18 @@ Checked at import (a binding whose ctypes structs disagree with the C library co
 sizeof(ggml_tensor) + the object header must equal ggml_tensor_overhead(). The `ggml-py` package (a different
 project, also module `ggml`) has a stale layout and fails here instead of segfaulting later.
 
-Threads: this ggml build runs its workers on OpenMP. OpenMP's default wait policy spins between parallel
-regions, which collapses when the cores are oversubscribed (the GPU side's threads, other processes), so we
-default OMP_WAIT_POLICY to PASSIVE. libgomp reads it once, when it is loaded: set it (or export it) before
-anything loads libgomp (torch does, and shares it with ggml: same soname). `omp_wait_policy()` says what the
-process actually got.
+Threads: this ggml build runs its workers on OpenMP (a ggml threadpool then starts no threads of its own, so
+there is no point in one). OpenMP's default wait policy spins between parallel regions and at ggml's per-op
+barriers, which collapses when the cores are oversubscribed (the GPU side's threads, other processes), so we
+default OMP_WAIT_POLICY to PASSIVE if no libgomp is loaded yet. libgomp reads it once, when it is loaded: a
+program that imports torch first (torch loads its libgomp, which ggml then shares: same soname) must set it
+itself, before that import.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 
 if "OMP_WAIT_POLICY" not in os.environ and not any("libgomp" in line for line in open("/proc/self/maps")):
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -49,7 +51,6 @@ def _check_binding():
             f"Install ggml-python=={TESTED[0]} (not `ggml-py`).")
     got = (getattr(_g, "__version__", "?"), _g.ggml_version().decode())
     if got != TESTED:
-        import warnings
         warnings.warn(f"ggml-python {got[0]} / ggml {got[1]}: runtime.ggml_ops was tested with "
                       f"ggml-python {TESTED[0]} / ggml {TESTED[1]}", RuntimeWarning, stacklevel=3)
 
@@ -59,7 +60,8 @@ _g.ggml_cpu_init()
 
 # type ids (ggml's enum ggml_type; the same numbers GGUF files and our manifest use)
 F32, I32 = _g.GGML_TYPE_F32, _g.GGML_TYPE_I32
-Q4_K, Q5_K, Q6_K, Q5_0, Q8_0 = _g.GGML_TYPE_Q4_K, _g.GGML_TYPE_Q5_K, _g.GGML_TYPE_Q6_K, _g.GGML_TYPE_Q5_0, _g.GGML_TYPE_Q8_0
+Q4_K, Q5_K, Q6_K = _g.GGML_TYPE_Q4_K, _g.GGML_TYPE_Q5_K, _g.GGML_TYPE_Q6_K
+Q5_0, Q8_0 = _g.GGML_TYPE_Q5_0, _g.GGML_TYPE_Q8_0
 
 Tensor = ctypes.POINTER(_g.ggml_tensor)
 
@@ -77,10 +79,6 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def omp_wait_policy() -> str:
-    return os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)")
-
-
 def type_name(t: int) -> str:
     return _g.ggml_type_name(t).decode()
 
@@ -88,7 +86,8 @@ def type_name(t: int) -> str:
 def row_size(t: int, n: int) -> int:
     """Bytes of one row of n values of type t (n must be a whole number of blocks)."""
     if n % _g.ggml_blck_size(t):
-        raise ValueError(f"a {type_name(t)} row of {n} values is not a whole number of {_g.ggml_blck_size(t)}-value blocks")
+        raise ValueError(f"a {type_name(t)} row of {n} values is not a whole number of "
+                         f"{_g.ggml_blck_size(t)}-value blocks")
     return _g.ggml_row_size(t, n)
 
 
@@ -124,7 +123,8 @@ def set_data(t: Tensor, address: int) -> None:
 def set_array(t: Tensor, a: np.ndarray) -> None:
     """Point t at a C-contiguous numpy array of exactly its size."""
     if not a.flags.c_contiguous or a.nbytes != nbytes(t):
-        raise ValueError(f"array of {a.nbytes} bytes (contiguous: {a.flags.c_contiguous}) for a {nbytes(t)}-byte tensor")
+        raise ValueError(f"array of {a.nbytes} bytes (contiguous: {a.flags.c_contiguous}) "
+                         f"for a {nbytes(t)}-byte tensor")
     t.contents.data = a.ctypes.data
 
 

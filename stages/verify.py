@@ -122,19 +122,24 @@ def integrity_task(t: dict) -> dict:
             "bytes": end - begin}
 
 
+def _row_sums(x: np.ndarray, y: np.ndarray) -> float:
+    """sum(x * y): float32 products summed per row (SIMD), rows summed in float64. Relative error ~1e-6."""
+    return float(np.einsum("ij,ij->i", x, y).sum(dtype=np.float64))
+
+
 def parity_task(t: dict) -> dict:
     import torch
     torch.set_num_threads(1)              # one task per core; dask does the parallelism
     r0, r1, group = t["rows"][0], t["rows"][1], t["group_rows"]
-    a = read_rows(t["merged"], r0, r1).astype(np.float64)
-    b = read_rows(t["twin"], r0, r1).astype(np.float64)
+    a, b = read_rows(t["merged"], r0, r1), read_rows(t["twin"], r0, r1)
     sums = []
     for g0 in range(r0, r1, group):
         x, y = a[g0 - r0:g0 - r0 + group], b[g0 - r0:g0 - r0 + group]
         finite = bool(np.isfinite(x).all())
-        x = np.nan_to_num(x)
-        sums.append([g0 // group, float(((x - y) ** 2).sum()), float((y * y).sum()), float((x * y).sum()),
-                     float((x * x).sum()), finite])
+        if not finite:
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        d = x - y
+        sums.append([g0 // group, _row_sums(d, d), _row_sums(y, y), _row_sums(x, y), _row_sums(x, x), finite])
     return {"id": t["id"], "name": t["name"], "kind": "parity", "groups": sums, "bytes": t["bytes"]}
 
 

@@ -7,7 +7,6 @@
 Prints a table; stages/verify.py's OWN_ERROR / FP8_ERROR hold these numbers.
 """
 import ctypes
-import json
 import sys
 from pathlib import Path
 

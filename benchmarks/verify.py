@@ -21,8 +21,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
-from quant_error import fp8_block, ggml_quantize  # noqa: E402
-from stages.dequant import GGML_BLOCK, dequantize_fp8_block, dequantize_ggml  # noqa: E402
+from quant_error import ggml_quantize  # noqa: E402
+from stages.dequant import GGML_BLOCK, dequantize_ggml  # noqa: E402
 from stages.verify import execute, threshold  # noqa: E402
 
 Q4_K, Q6_K = 12, 14
@@ -156,8 +156,8 @@ def main():
               f"(threshold Q4_K {threshold('Q4_K', True):.3f})")
     one, two = min(runs["1 worker"]), min(runs["2 workers"])
     print(f"\nmerged bytes verified: {merged_gb:.2f} GB ({len(tasks)} tasks)")
-    print(f"| scheduler | seconds (best of 2) | GB/s | speed-up vs 1 worker |")
-    print(f"|---|---|---|---|")
+    print("| scheduler | seconds (best of 2) | GB/s | speed-up vs 1 worker |")
+    print("|---|---|---|---|")
     for label, vals in runs.items():
         print(f"| {label} | {min(vals):.2f} | {merged_gb / min(vals):.3f} | {one / min(vals):.2f}x |")
     print("\n| one expert matrix | gguf.quants.dequantize ms | ours ms | speed-up |")

@@ -185,11 +185,10 @@ def run_stages(ctx: Context, stages: list[Stage], start: str | None = None, only
         statuses: dict[str, Status] = {}
         for i, stage in enumerate(stages):
             st = stage_status(ctx, stage, statuses)
-            forced = force if only is None or only == stage.name else False
-            forced |= start is not None and i >= names.index(start)
             if only is not None and stage.name != only:
                 statuses[stage.name] = st
                 continue
+            forced = force or (start is not None and i >= names.index(start))
             if st.state == "done" and not forced:
                 console.print(f"[green]✓[/] {stage.name}: done, inputs unchanged (skipped)")
                 events.append({"stage": stage.name, "action": "skipped", "summary": st.record.get("summary", "")})

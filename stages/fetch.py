@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 from pathlib import Path
 
 from .dag import Context, Result, Stage
 from .errors import PipelineError
 from .formats import check_split_set, gguf_sets
-from .fsio import hash_file, read_json, state_dir, write_json
+from .fsio import hash_file, read_json, write_json
 from .manifest import Source
 from .ui import byte_progress, console
 
@@ -60,13 +59,13 @@ def fp8_files(src: Source, root: Path) -> list[str]:
     return sorted(set(files + extras))
 
 
-def gguf_files(src: Source, root: Path) -> list[str]:
+def gguf_files(src: Source, root: Path) -> tuple[list[str], Path]:
     """Relative names of the GGUF model's files (one file, or a complete split set), in part order."""
     where = f"sources.gguf ({root})"
     if root.is_file():
         if root.suffix != ".gguf":
             raise PipelineError(f"{where}: not a .gguf file")
-        base, found = root.parent, [root]
+        base = root.parent
         sets = gguf_sets(list(base.glob("*.gguf")))
         found = next(s for s in sets.values() if root in s)
     elif root.is_dir():

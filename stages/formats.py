@@ -11,7 +11,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from .errors import PipelineError
 
@@ -219,7 +218,3 @@ def read_gguf(files: list[Path]) -> GGUFModel:
         raise PipelineError(f"{files[0]}: split set holds {len(tensors)} tensors, its metadata says "
                             f"{meta['split.tensors.count']}")
     return GGUFModel(files=files, meta=meta, tensors=tensors)
-
-
-def np_dtype(st_dtype: str):
-    return {"F32": np.float32, "F16": np.float16, "I64": np.int64, "U8": np.uint8}[st_dtype]

@@ -24,7 +24,7 @@ from .dequant import GGML_BLOCK, dequantize_fp8_block, dequantize_ggml
 from .errors import PipelineError
 from .formats import read_gguf, read_hf_checkpoint
 from .fsio import CHUNK, HASH_NAME, read_json, state_dir, write_json
-from .names import LAYOUT_SPLIT_KB, expected_weights
+from .names import expected_weights
 from .reconcile import gguf_layout
 from .ui import byte_progress, console
 

@@ -117,18 +117,22 @@ def per_expert_times(work: Path, layout: dict, repeats: int = 5) -> list[tuple]:
         L = layout[name]
         raw = raw_all[L["offset"]:L["offset"] + L["per"]]
         shape = (L["rows"], L["cols"])
-        t_g, t_o = [], []
+        t_g, t_n, t_c = [], [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
             a = gguf_dequantize(raw.reshape(L["rows"], -1), L["type"])
             t1 = time.perf_counter()
-            b = dequantize_ggml(raw, L["type"], shape)
+            b = dequantize_ggml(raw, L["type"], shape, backend="numpy")
             t2 = time.perf_counter()
+            c = dequantize_ggml(raw, L["type"], shape)          # the default: ggml's C dequantizer
+            t3 = time.perf_counter()
             t_g.append(t1 - t0)
-            t_o.append(t2 - t1)
-        assert np.array_equal(a, b)
+            t_n.append(t2 - t1)
+            t_c.append(t3 - t2)
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)) and np.array_equal(a.view(np.uint32),
+                                                                                        c.view(np.uint32))
         rows.append((f"{name} {'Q4_K' if L['type'] == Q4_K else 'Q6_K'} {shape[0]}x{shape[1]}",
-                     statistics.median(t_g), statistics.median(t_o)))
+                     statistics.median(t_g), statistics.median(t_n), statistics.median(t_c)))
     return rows
 
 
@@ -160,10 +164,11 @@ def main():
     print("|---|---|---|---|")
     for label, vals in runs.items():
         print(f"| {label} | {min(vals):.2f} | {merged_gb / min(vals):.3f} | {one / min(vals):.2f}x |")
-    print("\n| one expert matrix | gguf.quants.dequantize ms | ours ms | speed-up |")
-    print("|---|---|---|---|")
-    for name, g, o in per_expert_times(work, layout):
-        print(f"| {name} | {g * 1e3:.1f} | {o * 1e3:.1f} | {g / o:.2f}x |")
+    print("\n| one expert matrix | gguf.quants.dequantize ms | numpy kernels ms | ggml to_float ms (default) | "
+          "speed-up (numpy / ggml) |")
+    print("|---|---|---|---|---|")
+    for name, g, n, c in per_expert_times(work, layout):
+        print(f"| {name} | {g * 1e3:.1f} | {n * 1e3:.1f} | {c * 1e3:.1f} | {g / n:.2f}x / {g / c:.2f}x |")
     print(f"\n2 workers / 1 worker: {one / two:.2f}x")
 
 

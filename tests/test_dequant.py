@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import stages.dequant as dq  # noqa: E402
 from stages.dequant import GGML_BLOCK, dequantize_fp8_block, dequantize_ggml, ggml_nbytes  # noqa: E402
 
-FIXTURES = "/work/shared/fixtures/tiny-deepseek-v3"
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "tiny-deepseek-v3")
 GGUF_FIXTURE = f"{FIXTURES}/gguf/Q4_K_M/tiny-Q4_K_M.gguf"
 FP8_FIXTURE = f"{FIXTURES}/hf-fp8"
 
@@ -47,11 +47,30 @@ def assert_bits_equal(a, b):
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
+@pytest.mark.parametrize("backend", ["numpy", "ggml"])
 @pytest.mark.parametrize("t", OURS, ids=lambda t: t.name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_bit_exact_vs_gguf(t, shape):
+def test_bit_exact_vs_gguf(t, shape, backend):
     raw = random_blocks(t, shape, seed=int(t) + 100 * SHAPES.index(shape))
-    assert_bits_equal(dequantize_ggml(raw, t, shape), gguf_ref(raw, t, shape))
+    assert_bits_equal(dequantize_ggml(raw, t, shape, backend=backend), gguf_ref(raw, t, shape))
+
+
+IQ = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.IQ4_NL, T.IQ4_XS]
+
+
+@pytest.mark.parametrize("t", IQ, ids=lambda t: t.name)
+def test_ggml_backend_bit_exact_on_iq_types(t):
+    """The IQ types go to ggml's C code by default: bit-exact with gguf's too (scales made finite where known)."""
+    shape = (4, 512)
+    rng = np.random.default_rng(int(t))
+    block, nbytes = GGML_QUANT_SIZES[t]
+    raw = rng.integers(0, 256, (int(np.prod(shape)) // block, nbytes), dtype=np.uint8)
+    raw[:, 0:2] = rng.uniform(-2, 2, (len(raw), 1)).astype(np.float16).view(np.uint8)
+    if t == T.IQ1_M:                                   # its scale's fp16 bits are spread over the block's last bytes
+        raw[:, -8:] &= 0x0F
+    ref = gguf_ref(raw, t, shape)
+    ours = dequantize_ggml(raw, t, shape, backend="ggml")
+    assert_bits_equal(np.nan_to_num(ours), np.nan_to_num(ref))
 
 
 @pytest.mark.parametrize("t", OURS, ids=lambda t: t.name)
@@ -63,9 +82,9 @@ def test_many_ragged_chunks_on_threads(t, monkeypatch):
     shape = (5, 1280)
     raw = random_blocks(t, shape, seed=int(t))
     ref = gguf_ref(raw, t, shape)
-    assert_bits_equal(dequantize_ggml(raw, t, shape), ref)
+    assert_bits_equal(dequantize_ggml(raw, t, shape, backend="numpy"), ref)
     with ThreadPoolExecutor(1) as caller:  # from a worker thread (a dask task) the chunks run inline
-        assert_bits_equal(caller.submit(dequantize_ggml, raw, t, shape).result(), ref)
+        assert_bits_equal(caller.submit(dequantize_ggml, raw, t, shape, None, "numpy").result(), ref)
 
 
 def test_signed_zeros():
@@ -74,9 +93,10 @@ def test_signed_zeros():
     raw = random_blocks(t, shape, seed=1)
     raw[:, :2] = np.array([-0.5], np.float16).view(np.uint8)
     raw[:, 2:] = 0x88  # every nibble 8 -> q - 8 = 0
-    ours = dequantize_ggml(raw, t, shape)
-    assert np.all(np.signbit(ours)) and not ours.any()
-    assert_bits_equal(ours, gguf_ref(raw, t, shape))
+    for backend in ("numpy", "ggml"):
+        ours = dequantize_ggml(raw, t, shape, backend=backend)
+        assert np.all(np.signbit(ours)) and not ours.any()
+        assert_bits_equal(ours, gguf_ref(raw, t, shape))
 
 
 @pytest.mark.parametrize("t", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)

@@ -34,7 +34,9 @@ def load(path, device: str = "auto", threads: int | None = None, max_len: int = 
         raise ModelError(f"unknown device '{device}' (auto, cpu or cuda)")
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelError("--device cuda: no CUDA GPU is visible to torch")
-    device = "cpu" if device == "auto" else device       # the GPU path (FP8 kernels) comes with the GPU issue
+    if device == "cuda":                                 # say so rather than silently run on the CPU
+        raise ModelError("--device cuda: the GPU path (FP8 kernels) is not built yet; use --device cpu")
+    device = "cpu"                                       # auto: the CPU path until the GPU path exists
     folder = open_folder(path, allow_unverified=allow_unverified)
     from transformers import AutoTokenizer
     try:

@@ -268,13 +268,22 @@ class _Handler(BaseHTTPRequestHandler):
             return self._resolve(req, m.group(1), unquote(m.group(2)), unquote(m.group(3)))
         self._error(req, 404, None, "Not found")
 
-    def _api(self, req: Request, repo_id: str, kind: str | None, rev: str, sub: str):
+    def _repo_at(self, req: Request, repo_id: str, rev: str):
+        """(repo, commit sha), or None after answering the error (unknown repo, no access, unknown revision)."""
         repo = self._repo(req, repo_id)
         if repo is None:
-            return
+            return None
         sha = repo.resolve(rev)
         if sha is None:
-            return self._error(req, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            self._error(req, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            return None
+        return repo, sha
+
+    def _api(self, req: Request, repo_id: str, kind: str | None, rev: str, sub: str):
+        found = self._repo_at(req, repo_id, rev)
+        if found is None:
+            return
+        repo, sha = found
         if kind != "tree":
             return self._send_json(200, {
                 "_id": repo.sha[:24], "id": repo.repo_id, "modelId": repo.repo_id, "author": repo.repo_id.split("/")[0],
@@ -301,12 +310,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, entries, req=req)
 
     def _resolve(self, req: Request, repo_id: str, rev: str, name: str):
-        repo = self._repo(req, repo_id)
-        if repo is None:
+        found = self._repo_at(req, repo_id, rev)
+        if found is None:
             return
-        sha = repo.resolve(rev)
-        if sha is None:
-            return self._error(req, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        repo, sha = found
         req.file = name
         f = repo.files.get(name)
         if f is None:

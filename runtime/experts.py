@@ -21,10 +21,8 @@ ggml's compute releases the GIL; one call at a time per graph (a lock), so layer
 """
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -109,18 +107,13 @@ class MoEExperts:
         self._addresses = [s.data.ctypes.data for s in (self.gate, self.up, self.down)]
 
     @classmethod
-    def from_folder(cls, folder, layer: int, manifest: dict | None = None, **kw) -> MoEExperts:
-        """Layer `layer`'s routed experts of a merged folder, memmapped from its shard (docs/FORMAT.md)."""
-        folder = Path(folder)
-        m = manifest or json.loads((folder / "manifest.json").read_text())
-        if (m.get("format"), m.get("format_version")) != ("dsv3-hybrid", 1):
-            raise ValueError(f"{folder}: not a dsv3-hybrid v1 folder")
+    def from_folder(cls, folder, layer: int, **kw) -> MoEExperts:
+        """Layer `layer`'s routed experts of an opened folder (runtime.load.Folder), memmapped in place."""
         parts = []
         for name in ("gate", "up", "down"):
-            e = m["tensors"][f"blk.{layer}.ffn_{name}_exps.weight"]
-            (a, b) = e["offsets"]
-            data = np.memmap(folder / e["shard"], dtype=np.uint8, mode="r", offset=a, shape=(b - a,))
-            parts.append(StackedExperts(data, e["ggml_type_id"], tuple(e["logical_shape"])))
+            key = f"blk.{layer}.ffn_{name}_exps.weight"
+            t = folder.tensors[key]
+            parts.append(StackedExperts(folder.raw(key), t.ggml_type, tuple(t.logical_shape)))
         return cls(*parts, **kw)
 
     def _graph(self, T: int, k: int) -> _Graph:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime.experts import MoEExperts, StackedExperts
+from runtime.experts import MoEExperts
 from runtime.load import Folder, bf16, fp8_dequant
 
 
@@ -95,14 +95,6 @@ class Weights:
         a = self.f.raw(name)
         return bf16(a) if t.dtype == "BF16" else torch.from_numpy(np.array(a))
 
-    def experts(self, i: int) -> list[StackedExperts]:
-        out = []
-        for kind in ("gate", "up", "down"):
-            name = f"blk.{i}.ffn_{kind}_exps.weight"
-            t = self.f.tensors[name]
-            out.append(StackedExperts(self.f.raw(name), t.ggml_type, t.logical_shape))
-        return out
-
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w.to(x.dtype))
@@ -167,7 +159,7 @@ class MoE:
         self.a = a
         self.router = w.plain(b + "ffn_gate_inp.weight").float()
         self.bias = w.plain(b + "exp_probs_b.bias").float()
-        self.experts = MoEExperts(*w.experts(i), threads=threads)
+        self.experts = MoEExperts.from_folder(w.f, i, threads=threads)
         self.shared = MLP(w, b + "ffn_", suffix="_shexp")
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

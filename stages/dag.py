@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from rich.markup import escape
+
 from .errors import PipelineError
 from .fsio import OutputLock, claim_output, clean_tmp, hash_bytes, read_json, state_dir, write_json
 from .manifest import Manifest
-from rich.markup import escape
-
 from .ui import console
 
 

@@ -24,6 +24,7 @@ from gguf.quants import dequantize
 from helpers import GGUF_ONE, pipeline, write_manifest
 from runtime import ggml_ops
 from runtime.experts import MoEExperts, StackedExperts
+from runtime.load import load as open_folder
 
 EXACT_BOUND = 3e-2      # activation rounding, see the module docstring
 EMULATED_BOUND = 2e-3   # float32 noise, plus rare +-1 flips of a rounded activation (below)
@@ -246,7 +247,7 @@ def test_from_merged_folder(reader, tmp_path):
     x = rng.standard_normal((4, 256)).astype(np.float32)
     ids, w = routing(rng, 4, 16, 4)
     for layer in (1, 2, 3):
-        merged = MoEExperts.from_folder(tmp_path / "out", layer)
+        merged = MoEExperts.from_folder(open_folder(tmp_path / "out"), layer)
         assert isinstance(merged.down.data, np.memmap)
         gguf_side = MoEExperts(*fixture_layer(reader, layer))
         np.testing.assert_array_equal(merged.forward(x, ids, w), gguf_side.forward(x, ids, w))

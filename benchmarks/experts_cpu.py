@@ -37,35 +37,24 @@ args = p.parse_args()
 os.environ["OMP_WAIT_POLICY"] = args.omp_wait  # before anything loads libgomp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runtime import ggml_ops as G  # noqa: E402
 from runtime.experts import MoEExperts, StackedExperts  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import stages.dequant as dq  # noqa: E402
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT  # noqa: E402
+from synthetic import HIDDEN, INTER, MATS, TOPK, expert_nbytes  # noqa: E402
+import synthetic  # noqa: E402
 
-HIDDEN, INTER, TOPK = 7168, 2048, 8
 THREADS = args.threads or G.physical_cores()
 torch.set_num_threads(THREADS)
 dq.THREADS = THREADS
 rng = np.random.default_rng(0)
-F16_FIELDS = {QT.Q4_K: ([0, 2], 2e-4), QT.Q6_K: ([208], 5e-5)}  # fp16 scale offsets, size: |weights| ~ 0.05
-MATS = [("gate", QT.Q4_K, (INTER, HIDDEN)), ("up", QT.Q4_K, (INTER, HIDDEN)), ("down", QT.Q6_K, (HIDDEN, INTER))]
 BW_BYTES = 4 << 30
 
 
-def expert_nbytes(t, shape):
-    block, nbytes = GGML_QUANT_SIZES[t]
-    return shape[0] * shape[1] // block * nbytes
-
-
 def random_expert(t, shape):
-    nbytes = GGML_QUANT_SIZES[t][1]
-    blocks = rng.integers(0, 256, (expert_nbytes(t, shape) // nbytes, nbytes), np.uint8)
-    at, size = F16_FIELDS[t]
-    for a in at:
-        blocks[:, a:a + 2] = (rng.uniform(0.5, 1.5, (len(blocks), 1)) * size).astype(np.float16).view(np.uint8)
-    return blocks.reshape(-1)
+    return synthetic.random_expert(t, shape, rng)
 
 
 def meminfo(key):

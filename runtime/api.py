@@ -1,6 +1,7 @@
 """The small Python API shared by chat and perplexity: load, generate (a token iterator), logits."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,16 +35,32 @@ def load(path, device: str = "auto", threads: int | None = None, max_len: int = 
         raise ModelError(f"unknown device '{device}' (auto, cpu or cuda)")
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelError("--device cuda: no CUDA GPU is visible to torch")
-    if device == "cuda":                                 # say so rather than silently run on the CPU
-        raise ModelError("--device cuda: the GPU path (FP8 kernels) is not built yet; use --device cpu")
-    device = "cpu"                                       # auto: the CPU path until the GPU path exists
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    fp8 = device == "cuda" and _fp8_kernels_usable()
     folder = open_folder(path, allow_unverified=allow_unverified)
     from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(Path(path)))
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
-    return Model(folder, Transformer(folder, max_len=max_len, threads=threads), tokenizer, device)
+    net = Transformer(folder, max_len=max_len, threads=threads, device=device, fp8=fp8)
+    return Model(folder, net, tokenizer, device)
+
+
+def _fp8_kernels_usable() -> bool:
+    """FP8 tensor cores (compute capability >= 8.9) and Triton; otherwise say why, once, and use bf16 weights."""
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        why = f"{torch.cuda.get_device_name()} (compute capability {major}.{minor}) has no FP8 tensor cores"
+    else:
+        try:
+            import triton  # noqa: F401
+            return True
+        except ImportError:
+            why = "Triton is not installed"
+    print(f"note: {why}: FP8 weights are dequantized to bf16 at load (twice the GPU memory)", file=sys.stderr)
+    return False
 
 
 def encode(model: Model, text: str) -> list[int]:

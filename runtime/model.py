@@ -2,6 +2,11 @@
 routed experts run on the CPU through ggml's quantized kernels, straight from the folder's GGML bytes.
 
 One file, the whole model, in the spirit of DeepSeek's own inference/model.py. Shapes: one sequence, T tokens.
+
+Devices. CPU: FP8 linears dequantized to bf16 once at load, float32 math. CUDA: everything but the routed experts
+on the GPU (FP8 linears through runtime.fp8's block-scaled kernels, or bf16 weights on GPUs without FP8 tensor
+cores), the residual stream in float32, the absorbed MLA weight products in bf16; the routed experts stay on the CPU
+and the shared expert runs on the GPU meanwhile. Decode steps replay CUDA graphs (`GraphedDecode`).
 """
 from __future__ import annotations
 
@@ -78,26 +83,74 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(z * freqs.view(shape)).flatten(-2)
 
 
+def act_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's activation quantization in torch ops: per token, per 128 group of the last axis, scale =
+    max(amax, 1e-4) / 448, e4m3(clamp(x / scale)). Returns (e4m3 codes, float32 scales (..., ceil(K/128)))."""
+    K = x.shape[-1]
+    g = F.pad(x.float(), (0, -K % 128)).unflatten(-1, (-1, 128))
+    s = g.abs().amax(-1).clamp_min(1e-4) / 448.0
+    q = (g / s[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.flatten(-2)[..., :K], s
+
+
+def fake_act_quant(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the FP8 kernels round it, back in float32: the GPU path's activation numerics on the CPU."""
+    q, s = act_quant_reference(x)
+    return q.float() * s.repeat_interleave(128, -1)[..., :x.shape[-1]]
+
+
+class Linear:
+    """y = x @ W^T. FP8 weights with their tile scales go to runtime.fp8's kernels (bf16 out); bf16 weights are
+    upcast per call on the CPU (float32 math) and used as they are on the GPU (bf16 out). `fake_quant`: round x and
+    y as the FP8 kernels do (x to e4m3 per 128 group, y to bf16); set on FP8 layers by Transformer(emulate_fp8=True)
+    to compare the FP8 path's numerics with the kernels'."""
+
+    fake_quant = False
+
+    def __init__(self, w: torch.Tensor, scale: torch.Tensor | None = None, split: list[int] | None = None):
+        self.w, self.scale, self.split = w, scale, split
+
+    def __call__(self, x: torch.Tensor):
+        if self.fake_quant:
+            x = fake_act_quant(x)
+        if self.scale is not None:
+            from runtime.fp8 import fp8_linear
+            y = fp8_linear(x, self.w, self.scale)
+        elif x.is_cuda:
+            y = F.linear(x.to(self.w.dtype), self.w)
+        else:
+            y = F.linear(x, self.w.to(x.dtype))
+        if self.fake_quant:
+            y = y.to(torch.bfloat16).float()
+        return y.split(self.split, -1) if self.split else y
+
+
 class Weights:
-    """Tensors from the folder as torch: FP8 linears dequantized per 128x128 tile once (CPU path), the rest as is."""
+    """Tensors from the folder as torch on `device`. FP8 linears: kept FP8 where `fp8` (GPU kernels), else
+    dequantized per 128x128 tile to bf16 once at load. The rest as stored."""
 
-    def __init__(self, folder: Folder, dtype=torch.bfloat16):
-        self.f, self.dtype = folder, dtype
+    def __init__(self, folder: Folder, device: torch.device = torch.device("cpu"), fp8: bool = False,
+                 emulate_fp8: bool = False):
+        self.f, self.device, self.fp8, self.emulate_fp8 = folder, device, fp8, emulate_fp8
 
-    def linear(self, name: str) -> torch.Tensor:
-        w = self.f.raw(name)
-        if self.f.tensors[name].dtype == "F8_E4M3":
-            return fp8_dequant(w, self.f.raw(name + "_scale_inv")).to(self.dtype)
-        return self.plain(name).to(self.dtype)
+    def linear(self, *names: str) -> Linear:
+        """One Linear; several names sharing an input are fused along N (outputs come back split)."""
+        rows = [self.f.tensors[n].shape[0] for n in names]
+        is_fp8 = [self.f.tensors[n].dtype == "F8_E4M3" for n in names]
+        if self.fp8 and all(is_fp8) and all(r % 128 == 0 for r in rows[:-1]):   # scale tiles line up when fused
+            w = torch.cat([torch.from_numpy(np.array(self.f.raw(n))) for n in names]).view(torch.float8_e4m3fn)
+            s = torch.cat([torch.from_numpy(np.array(self.f.raw(n + "_scale_inv"))) for n in names])
+            return Linear(w.to(self.device), s.float().to(self.device), rows if len(names) > 1 else None)
+        ws = [fp8_dequant(self.f.raw(n), self.f.raw(n + "_scale_inv")).to(torch.bfloat16) if fp8_ else
+              self.plain(n).to(torch.bfloat16) for n, fp8_ in zip(names, is_fp8)]
+        lin = Linear(torch.cat(ws).to(self.device), None, rows if len(names) > 1 else None)
+        lin.fake_quant = self.emulate_fp8 and all(is_fp8)
+        return lin
 
     def plain(self, name: str) -> torch.Tensor:
         t = self.f.tensors[name]
         a = self.f.raw(name)
-        return bf16(a) if t.dtype == "BF16" else torch.from_numpy(np.array(a))
-
-
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, w.to(x.dtype))
+        return (bf16(a) if t.dtype == "BF16" else torch.from_numpy(np.array(a))).to(self.device)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -111,44 +164,56 @@ class MLA:
     def __init__(self, a: Args, w: Weights, i: int, max_len: int):
         b = f"blk.{i}."
         self.a = a
-        self.wq_a, self.q_norm = w.linear(b + "attn_q_a.weight"), w.plain(b + "attn_q_a_norm.weight")
+        self.wqkv_a = w.linear(b + "attn_q_a.weight", b + "attn_kv_a_mqa.weight")    # one input: one GEMM
+        self.q_norm, self.kv_norm = w.plain(b + "attn_q_a_norm.weight"), w.plain(b + "attn_kv_a_norm.weight")
         self.wq_b = w.linear(b + "attn_q_b.weight")
-        self.wkv_a, self.kv_norm = w.linear(b + "attn_kv_a_mqa.weight"), w.plain(b + "attn_kv_a_norm.weight")
-        kv_b = w.linear(b + "attn_kv_b.weight").view(a.n_heads, a.nope + a.v_dim, a.kv_lora)
-        self.w_kb, self.w_vb = kv_b[:, :a.nope].float(), kv_b[:, a.nope:].float()
+        kv_b = w.linear(b + "attn_kv_b.weight")
+        kv_b = (kv_b.w.float() if kv_b.scale is None else _dequant_on(kv_b)).view(a.n_heads, -1, a.kv_lora)
+        self.dt = torch.bfloat16 if w.device.type == "cuda" else torch.float32    # weight products: tensor cores
+        self.w_kb, self.w_vb = kv_b[:, :a.nope].to(self.dt), kv_b[:, a.nope:].to(self.dt)
         self.wo = w.linear(b + "attn_output.weight")
         mscale = 0.1 * a.mscale * math.log(a.rope_factor) + 1.0 if a.rope_factor > 1 else 1.0
         self.scale = (a.nope + a.rope) ** -0.5 * mscale * mscale
-        self.kv_cache = torch.zeros(max_len, a.kv_lora)
-        self.pe_cache = torch.zeros(max_len, a.rope)
+        self.kv_cache = torch.zeros(max_len, a.kv_lora, dtype=self.dt, device=w.device)
+        self.pe_cache = torch.zeros(max_len, a.rope, dtype=self.dt, device=w.device)
 
-    def __call__(self, x: torch.Tensor, start: int, freqs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, end: int | None, freqs: torch.Tensor) -> torch.Tensor:
+        """Tokens at positions `pos` (T,). `end` = last position + 1 attends over cache[:end] with a causal mask;
+        None attends over the whole cache, masking positions after each token's own (CUDA graphs: no sizes)."""
         a, T = self.a, x.shape[0]
-        end = start + T
-        q = linear(rms_norm(linear(x, self.wq_a), self.q_norm, a.eps), self.wq_b).view(T, a.n_heads, -1)
+        q_a, kv = self.wqkv_a(x)
+        q = self.wq_b(rms_norm(q_a, self.q_norm, a.eps)).view(T, a.n_heads, -1)
         q_nope, q_pe = q.split([a.nope, a.rope], -1)
         q_pe = apply_rope(q_pe, freqs)
-        kv = linear(x, self.wkv_a)
         c_kv, k_pe = kv.split([a.kv_lora, a.rope], -1)
-        self.kv_cache[start:end] = rms_norm(c_kv, self.kv_norm, a.eps)
-        self.pe_cache[start:end] = apply_rope(k_pe, freqs)
-        q_lat = torch.einsum("thd,hdc->thc", q_nope.float(), self.w_kb)          # fold W_k into the query
-        scores = (torch.einsum("thc,sc->ths", q_lat, self.kv_cache[:end]) +
-                  torch.einsum("thr,sr->ths", q_pe, self.pe_cache[:end])) * self.scale
-        if T > 1:
-            causal = torch.ones(T, end, dtype=torch.bool).triu(start + 1)
-            scores = scores.masked_fill(causal.unsqueeze(1), float("-inf"))
-        o = torch.einsum("ths,sc->thc", scores.softmax(-1), self.kv_cache[:end])
-        o = torch.einsum("thc,hdc->thd", o, self.w_vb)                            # and W_v into the output
-        return linear(o.flatten(1), self.wo)
+        self.kv_cache.index_copy_(0, pos, rms_norm(c_kv, self.kv_norm, a.eps).to(self.dt))
+        self.pe_cache.index_copy_(0, pos, apply_rope(k_pe, freqs).to(self.dt))
+        kv_cache = self.kv_cache[:end].float()
+        pe_cache = self.pe_cache[:end].float()
+        q_lat = torch.einsum("thd,hdc->thc", q_nope.to(self.dt), self.w_kb).float()   # fold W_k into the query
+        scores = (torch.einsum("thc,sc->ths", q_lat, kv_cache) +
+                  torch.einsum("thr,sr->ths", q_pe, pe_cache)) * self.scale
+        later = torch.arange(kv_cache.shape[0], device=x.device)[None, :] > pos[:, None]
+        scores = scores.masked_fill(later.unsqueeze(1), float("-inf"))
+        o = torch.einsum("ths,sc->thc", scores.softmax(-1), kv_cache)
+        o = torch.einsum("thc,hdc->thd", o.to(self.dt), self.w_vb)                      # and W_v into the output
+        return self.wo(o.flatten(1))
+
+
+def _dequant_on(lin: Linear) -> torch.Tensor:
+    """An FP8 Linear's weight as float32, on its device."""
+    s = lin.scale.repeat_interleave(128, 0)[:lin.w.shape[0]].repeat_interleave(128, 1)[:, :lin.w.shape[1]]
+    return lin.w.float() * s
 
 
 class MLP:
     def __init__(self, w: Weights, prefix: str, suffix: str = ""):
-        self.gate, self.up, self.down = (w.linear(f"{prefix}{k}{suffix}.weight") for k in ("gate", "up", "down"))
+        self.gate_up = w.linear(f"{prefix}gate{suffix}.weight", f"{prefix}up{suffix}.weight")
+        self.down = w.linear(f"{prefix}down{suffix}.weight")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
+        gate, up = self.gate_up(x)
+        return self.down(F.silu(gate.float()) * up.float())
 
 
 class MoE:
@@ -168,7 +233,7 @@ class MoE:
         choice = scores + self.bias
         groups = choice.view(T, a.n_groups, -1).topk(2, dim=-1)[0].sum(-1)
         keep = groups.topk(a.topk_groups, dim=-1)[1]
-        dropped = torch.ones(T, a.n_groups, dtype=torch.bool).scatter_(1, keep, False)
+        dropped = torch.ones(T, a.n_groups, dtype=torch.bool, device=x.device).scatter_(1, keep, False)
         choice = choice.view(T, a.n_groups, -1).masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
         ids = choice.topk(a.top_k, dim=-1)[1]
         weights = scores.gather(1, ids)
@@ -177,8 +242,16 @@ class MoE:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)
-        routed = self.experts.forward(x.float().numpy(), ids.to(torch.int32).numpy(), weights.float().numpy())
-        return torch.from_numpy(routed) + self.shared(x)
+        routed, shared = self.experts_on_cpu(x, ids, weights, lambda: self.shared(x))
+        return routed + shared.float()
+
+    def experts_on_cpu(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, launch_shared):
+        """The routed experts through ggml on the CPU, with `launch_shared()` (the shared expert) queued on the GPU
+        first, so that both run at once. Returns (routed, float32 on x's device; what launch_shared returned)."""
+        host = [t.to("cpu") for t in (x.float(), ids.to(torch.int32), weights.float())]   # waits for the GPU
+        shared = launch_shared()
+        routed = self.experts.forward(*(t.numpy() for t in host))
+        return torch.from_numpy(routed).to(x.device), shared
 
 
 class Block:
@@ -189,29 +262,114 @@ class Block:
         self.attn = MLA(a, w, i, max_len)
         self.ffn = MLP(w, b + "ffn_") if i < a.n_dense else MoE(a, w, i, threads)
 
-    def __call__(self, x: torch.Tensor, start: int, freqs: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x, self.attn_norm, self.a.eps), start, freqs)
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, end: int | None, freqs: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x, self.attn_norm, self.a.eps), pos, end, freqs)
         return x + self.ffn(rms_norm(x, self.ffn_norm, self.a.eps))
+
+    def before_experts(self, x, pos, end, freqs):
+        """A MoE block up to its routed experts: (residual after attention, normed input, expert ids, weights)."""
+        x = x + self.attn(rms_norm(x, self.attn_norm, self.a.eps), pos, end, freqs)
+        h = rms_norm(x, self.ffn_norm, self.a.eps)
+        return (x, h) + self.ffn.route(h)
 
 
 class Transformer:
-    def __init__(self, folder: Folder, max_len: int = 4096, threads: int | None = None):
+    def __init__(self, folder: Folder, max_len: int = 4096, threads: int | None = None,
+                 device: str | torch.device = "cpu", fp8: bool = False, emulate_fp8: bool = False):
+        """`fp8`: FP8 linears stay FP8 and run on runtime.fp8's kernels; else they are dequantized to bf16 at load,
+        and `emulate_fp8` rounds their inputs as the kernels would (the FP8 path's numerics, without the kernels)."""
         self.a = a = Args.from_config(folder.config)
-        w = Weights(folder)
+        self.device = torch.device(device)
+        w = Weights(folder, self.device, fp8, emulate_fp8)
         self.max_len = max_len
         self.embed = w.plain("token_embd.weight")
         self.norm, self.head = w.plain("output_norm.weight"), w.linear("output.weight")
         self.layers = [Block(a, w, i, max_len, threads) for i in range(a.n_layers)]
-        self.freqs = yarn_freqs(a, max_len)
+        self.freqs = yarn_freqs(a, max_len).to(self.device)
+        self.graphs: GraphedDecode | None = None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(rms_norm(x, self.norm, self.a.eps)).float()
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Logits (T, vocab) float32 for `tokens` placed at positions start..start+T-1 (the cache holds 0..start-1)."""
+        """Logits (T, vocab) float32 on the CPU for `tokens` placed at positions start..start+T-1 (the cache holds
+        0..start-1). One token on a GPU replays the decode graphs (captured on first use)."""
         T = tokens.shape[0]
         if start + T > self.max_len:
             raise ValueError(f"context of {start + T} tokens exceeds the {self.max_len} this model was set up for")
+        if T == 1 and self.device.type == "cuda":
+            if self.graphs is None:
+                self.graphs = GraphedDecode(self, int(tokens[0]), start)
+            return self.graphs(int(tokens[0]), start).cpu()
+        tokens = tokens.to(self.device)
+        pos = torch.arange(start, start + T, device=self.device)
         x = self.embed[tokens].float()
         freqs = self.freqs[start:start + T]
         for layer in self.layers:
-            x = layer(x, start, freqs)
-        return F.linear(rms_norm(x, self.norm, self.a.eps), self.head.float())
+            x = layer(x, pos, start + T, freqs)
+        return self.logits(x).cpu()
+
+
+class GraphedDecode:
+    """One decode step as CUDA graphs, replayed: a graph per stretch of GPU work between two layers' routed experts
+    (which run on the CPU), plus one per shared expert, launched before the CPU starts so that the two overlap.
+    Attention runs over the whole cache with a mask (no sizes change between steps); token and position are
+    device tensors the graphs read. Captured on first use, at the position that step is about to write anyway."""
+
+    def __init__(self, net: Transformer, token: int, start: int):
+        self.net, dev = net, net.device
+        self.token = torch.full((1,), token, dtype=torch.long, device=dev)
+        self.pos = torch.full((1,), start, dtype=torch.long, device=dev)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.steps: list = []                     # graphs, and (moe, shared graph, h, ids, weights, routed)
+        carry: tuple = ()
+        for layer in net.layers:
+            if isinstance(layer.ffn, MoE):
+                x, h, ids, weights = self._capture(lambda c=carry, l=layer: l.before_experts(
+                    self._resume(c), self.pos, None, net.freqs[self.pos]))
+                shared_graph, shared = self._graph(lambda l=layer, h=h: l.ffn.shared(h))
+                routed = torch.zeros_like(x)
+                self.steps.append((layer.ffn, shared_graph, h, ids, weights, routed))
+                carry = (x, shared, routed)
+            else:
+                carry = (self._capture(lambda c=carry, l=layer: l(self._resume(c), self.pos, None,
+                                                                    net.freqs[self.pos])),)
+        self.out = self._capture(lambda c=carry: net.logits(self._resume(c)))
+
+    def _resume(self, carry: tuple) -> torch.Tensor:
+        """The residual stream where the last graph left it."""
+        if not carry:
+            return self.net.embed[self.token].float()
+        if len(carry) == 1:
+            return carry[0]
+        x, shared, routed = carry
+        return x + shared.float() + routed
+
+    def _graph(self, fn):
+        side = torch.cuda.Stream()                # warm up (Triton compiles, allocators settle) off the capture
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            out = fn()
+        return g, out
+
+    def _capture(self, fn):
+        g, out = self._graph(fn)
+        self.steps.append(g)
+        return out
+
+    @torch.inference_mode()
+    def __call__(self, token: int, start: int) -> torch.Tensor:
+        self.token.fill_(token)
+        self.pos.fill_(start)
+        for step in self.steps:
+            if isinstance(step, torch.cuda.CUDAGraph):
+                step.replay()
+                continue
+            moe, shared_graph, h, ids, weights, routed = step
+            routed.copy_(moe.experts_on_cpu(h, ids, weights, shared_graph.replay)[0])
+        return self.out

@@ -7,16 +7,20 @@ Import it from a test module with `from conftest import rewrite_gguf`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "examples" / "tiny-deepseek-v3"
+if not torch.cuda.is_available():      # runtime.fp8's Triton kernels run on Triton's CPU interpreter (before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 if str(REPO) not in sys.path:          # so tests can `import stages` under plain `pytest` too (not only python -m)
     sys.path.insert(0, str(REPO))
 

@@ -1,0 +1,279 @@
+"""Block-scaled FP8 linear layers for DeepSeek-V3, in Triton: y = x @ W^T, bf16 out.
+
+W is e4m3 (N, K) with `weight_scale_inv` (ceil(N/128), ceil(K/128)) multiplying each 128x128 tile (docs/FORMAT.md).
+x is quantized per token per 128-wide group of K: s = max(amax, 1e-4) / 448, q = e4m3(clamp(x / s, +-448)), as
+DeepSeek's own act_quant does. The GEMM accumulates each 128-K step's product in fp32 and adds it times s_x * s_w.
+
+Two launch shapes, picked per call from a shipped table (fp8_configs.json, made by `benchmarks/fp8_gemm.py --tune`):
+- small M (decode): K is split across programs so that enough of them stream the weight; the last program of each
+  output tile to finish sums the partials in a fixed order (deterministic) and writes bf16. For M == 1 the GEMM
+  also quantizes x itself (each program its own 128-wide pieces), so one launch does everything.
+- large M (prefill): `act_quant` once, then a plain tiled GEMM, grouped along M for L2 reuse.
+
+Rounding to e4m3 is done by hand (`_round_e4m3`: ties to even, saturating), so the final cast is exact. The GPU's own
+cast gives the same bits; Triton's CPU interpreter (TRITON_INTERPRET=1, used by the tests on machines without a GPU)
+does not round casts correctly.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+GROUP = 128                      # quantization group of x along K, and W's tile edge
+FP8_MAX = 448.0
+AMAX_FLOOR = 1e-4
+WORKSPACE_FLOATS = 8 << 20       # split-K partials, per device: 32 MiB
+LOCKS = 1 << 16                  # one counter per output tile of a split-K launch
+
+
+@triton.jit
+def _round_e4m3(v):
+    """fp32 in [-448, 448] -> the nearest e4m3 value (ties to even), as fp32: exact to cast afterwards."""
+    bits = v.to(tl.uint32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    tiny = (tl.abs(v) + 24576.0) - 24576.0                           # below 2^-6 the step is 2^-9
+    tiny = (tiny.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)   # keep the sign
+    return tl.where(tl.abs(v) < 0.015625, tiny, normal)
+
+
+@triton.jit
+def _quantize(x):
+    """x fp32 (R, 128) -> (e4m3 (R, 128), scales fp32 (R,)), one scale per row."""
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4), 448.0)
+    q = tl.clamp(tl.math.div_rn(x, s[:, None]), -448.0, 448.0)
+    return _round_e4m3(q).to(tl.float8e4nv), s
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, n_groups,
+                      ROWS: tl.constexpr, GROUPS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    for j in tl.static_range(GROUPS):
+        g = tl.program_id(1) * GROUPS + j
+        cols = g * 128 + tl.arange(0, 128)
+        mask = (rows < M)[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        q, s = _quantize(x)
+        tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+        tl.store(s_ptr + rows * n_groups + g, s, mask=(rows < M) & (rows * 0 + g < n_groups))
+
+
+@triton.jit
+def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, part_ptr, lock_ptr,
+                 M, N, K, stride_am, stride_wn, stride_cm, stride_wsn, groups_per_split,
+                 BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
+                 STEP: tl.constexpr, QUANT_A: tl.constexpr, EVEN_K: tl.constexpr):
+    # program -> output tile, grouped along M so that neighbouring programs share W tiles in L2
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, 128)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    a_rows = a_ptr + offs_m[:, None] * stride_am
+    w_cols = w_ptr + offs_n[None, :] * stride_wn
+    ws_row = ws_ptr + (pid_n * BN // 128) * stride_wsn        # BN divides 128: one weight scale per step
+    n_groups = tl.cdiv(K, 128)
+    g0 = pid_k * groups_per_split
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for i in range(0, groups_per_split, STEP):
+        for j in tl.static_range(STEP):         # STEP 2: two products in flight before the scaled adds
+            g = g0 + i + j
+            k = g * 128 + offs_k
+            if EVEN_K:
+                b = tl.load(w_cols + k[:, None], mask=mask_n[None, :], other=0.0)
+                if not QUANT_A:
+                    a = tl.load(a_rows + k[None, :], mask=mask_m[:, None], other=0.0)
+            else:
+                b = tl.load(w_cols + k[:, None], mask=mask_n[None, :] & (k < K)[:, None], other=0.0)
+                if not QUANT_A:
+                    a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
+            if QUANT_A:                              # M == 1: quantize the one row here, zeros below it
+                xv = tl.load(a_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+                s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xv)), 1e-4), 448.0)
+                xq = _round_e4m3(tl.clamp(tl.math.div_rn(xv, s), -448.0, 448.0))
+                a = tl.where(offs_m[:, None] == 0, xq[None, :], 0.0).to(tl.float8e4nv)
+                sa = tl.zeros((BM,), dtype=tl.float32) + s
+            else:
+                sa = tl.load(as_ptr + offs_m * n_groups + g, mask=mask_m, other=0.0)
+            sb = tl.load(ws_row + g)
+            acc += tl.dot(a, b) * (sa * sb)[:, None]
+
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    mask_c = mask_m[:, None] & mask_n[None, :]
+    if SPLIT == 1:
+        tl.store(c_ptrs, acc.to(tl.bfloat16), mask=mask_c)
+    else:
+        # partials in (SPLIT, M, N); the last program of this tile to arrive sums them in split order
+        part = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part + pid_k * M * N, acc, mask=mask_c)
+        tl.debug_barrier()                       # every thread's partial is stored before the release below
+        tile = pid_m * tiles_n + pid_n
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            total = tl.zeros((BM, BN), dtype=tl.float32)
+            for s in range(SPLIT):
+                total += tl.load(part + s * M * N, mask=mask_c, other=0.0, cache_modifier=".cg")
+            tl.store(c_ptrs, total.to(tl.bfloat16), mask=mask_c)
+            tl.store(lock_ptr + tile, 0)         # ready for the next launch (and CUDA graph replays)
+
+
+@dataclass(frozen=True)
+class Config:
+    BM: int
+    BN: int
+    SPLIT: int
+    warps: int
+    stages: int
+    GROUP_M: int = 8
+    quant_in_gemm: bool = False      # M == 1 only
+    STEP: int = 1                    # 128-K groups per loop iteration: 1 or 2 (K's groups per split must divide)
+
+    def fits(self, M: int, N: int, K: int) -> bool:
+        tiles = triton.cdiv(M, self.BM) * triton.cdiv(N, self.BN)
+        return (128 % self.BN == 0 and self.SPLIT <= triton.cdiv(K, GROUP) and triton.cdiv(K, GROUP) % self.STEP == 0
+                and (self.SPLIT == 1 or (triton.cdiv(K, GROUP) // self.SPLIT) % self.STEP == 0)
+                and (self.SPLIT == 1 or (self.SPLIT * M * N <= WORKSPACE_FLOATS and tiles <= LOCKS)))
+
+
+CONFIG_FILE = Path(__file__).with_name("fp8_configs.json")
+_table: dict | None = None
+_workspaces: dict = {}
+
+
+def m_bucket(M: int) -> int:
+    """Configs are kept per power-of-two bucket of M (1, 2, 4, ... 4096, then 4096 for larger)."""
+    return min(1 << max(M - 1, 0).bit_length(), 4096)
+
+
+def default_config(M: int, N: int, K: int, sms: int = 132) -> Config:
+    """For shapes the table lacks: split K until about two programs per SM stream the weight."""
+    if M <= 64:
+        BM = 16 if M <= 16 else 32 if M <= 32 else 64
+        BN = 64
+        tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+        split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, GROUP) // 2, 16))
+        cfg = Config(BM, BN, split, 4, 4, 1, quant_in_gemm=M == 1)
+        while not cfg.fits(M, N, K):
+            cfg = Config(BM, BN, cfg.SPLIT // 2, 4, 4, 1, cfg.quant_in_gemm)
+        return cfg
+    return Config(128, 128, 1, 8, 4) if M >= 256 else Config(64, 128, 1, 4, 4)
+
+
+def _load_table() -> dict:
+    global _table
+    if _table is None:
+        _table = json.loads(CONFIG_FILE.read_text())["configs"] if CONFIG_FILE.exists() else {}
+    return _table
+
+
+def config_for(M: int, N: int, K: int) -> Config:
+    c = _load_table().get(f"{N}x{K}", {}).get(str(m_bucket(M)))
+    if c is not None:
+        cfg = Config(**c)
+        if cfg.fits(M, N, K):
+            return cfg
+    return default_config(M, N, K)
+
+
+def _workspace(device: torch.device):
+    """Split-K partials and tile counters, one set per device (counters return to 0 after every launch). Shared by
+    every launch on the device: split-K GEMMs must not run on two streams of one device at once. Made on the first
+    split-K call, so warm up before capturing CUDA graphs."""
+    if device not in _workspaces:
+        _workspaces[device] = (torch.empty(WORKSPACE_FLOATS, dtype=torch.float32, device=device),
+                               torch.zeros(LOCKS, dtype=torch.int32, device=device))
+    return _workspaces[device]
+
+
+def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (e4m3 (M, K), fp32 scales (M, ceil(K/128)))."""
+    M, K = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    n_groups = triton.cdiv(K, GROUP)
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(M, n_groups, dtype=torch.float32, device=x.device)
+    rows, groups, warps = (1, 1, 1) if M <= 16 else (8, 4, 4)     # decode: many tiny programs, one warp each
+    _act_quant_kernel[(triton.cdiv(M, rows), triton.cdiv(n_groups, groups))](
+        x, q, s, M, K, x.stride(0), n_groups, ROWS=rows, GROUPS=groups, num_warps=warps)
+    return q, s
+
+
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor,
+             cfg: Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K): e4m3 with a_scale (M, ceil(K/128)), or for M == 1 bf16/fp32 with a_scale None (quantized inside);
+    w e4m3 (N, K), w_scale (ceil(N/128), ceil(K/128)) -> bf16 (M, N), into `out` if given."""
+    M, K = a.shape
+    N = w.shape[0]
+    assert w.shape[1] == K and w.stride(1) == 1 and a.stride(1) == 1, (a.shape, w.shape)
+    cfg = cfg or config_for(M, N, K)
+    quant = a_scale is None
+    assert not quant or M <= 1, "quantization inside the GEMM is for one row (decode); act_quant first"
+    if out is None:
+        out = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
+    assert out.shape == (M, N) and out.dtype == torch.bfloat16 and out.stride(1) == 1
+    if M == 0:
+        return out
+    part, locks = _workspace(a.device) if cfg.SPLIT > 1 else (out, out)
+    n_groups = triton.cdiv(K, GROUP)
+    split = max(d for d in range(1, cfg.SPLIT + 1) if n_groups % d == 0 and (n_groups // d) % cfg.STEP == 0)
+    per_split = n_groups // split
+    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), split)
+    _gemm_kernel[grid](a, a if quant else a_scale, w, w_scale, out, part, locks,
+                       M, N, K, a.stride(0), w.stride(0), out.stride(0), w_scale.stride(0), per_split,
+                       BM=cfg.BM, BN=cfg.BN, SPLIT=split, GROUP_M=cfg.GROUP_M, STEP=cfg.STEP, QUANT_A=quant,
+                       EVEN_K=K % GROUP == 0, num_warps=cfg.warps, num_stages=cfg.stages)
+    return out
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) any float dtype -> bf16 (..., N): quantize x per 128 group, block-scaled GEMM."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    cfg = config_for(x2.shape[0], w.shape[0], K)
+    if cfg.quant_in_gemm and x2.shape[0] == 1:
+        y = fp8_gemm(x2, None, w, w_scale, cfg)
+    else:
+        y = fp8_gemm(*act_quant(x2), w, w_scale, cfg)
+    return y.view(*lead, w.shape[0])
+
+
+def reference_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """float64 reference on the dequantized operands: x quantized as the kernels do (torch ops), W tile-scaled."""
+    xq, xs = reference_act_quant(x)
+    xd = xq.double() * xs.double().repeat_interleave(GROUP, -1)[..., :x.shape[-1]]
+    ws = w_scale.double().repeat_interleave(GROUP, 0)[:w.shape[0]].repeat_interleave(GROUP, 1)[:, :w.shape[1]]
+    return xd @ (w.double() * ws).T
+
+
+def reference_act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from runtime.model import act_quant_reference
+    return act_quant_reference(x)
+
+
+def supported(device: torch.device) -> bool:
+    """FP8 tensor cores: compute capability 8.9 (Ada) and up."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def tflops(M: int, N: int, K: int, seconds: float) -> float:
+    return 2 * M * N * K / seconds / 1e12
+
+
+__all__ = ["act_quant", "fp8_gemm", "fp8_linear", "reference_linear", "reference_act_quant", "Config",
+           "config_for", "default_config", "supported", "m_bucket"]

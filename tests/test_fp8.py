@@ -1,0 +1,117 @@
+"""runtime.fp8: the block-scaled FP8 kernels against float64 references.
+
+On a CUDA GPU (compute capability >= 8.9) this runs the real kernels over every DeepSeek-V3 shape and
+M in {1, 3, 16, 128, 1000}; without one, Triton's CPU interpreter runs the same kernel code on small shapes (the
+conftest sets TRITON_INTERPRET). Two references, both float64 on dequantized operands:
+- x quantized exactly as the kernels must (torch's own e4m3 cast): the kernel may differ only by its bf16 output
+  rounding. Bound 6e-3 relative: the GPU rounds to nearest (measured ~1.7e-3); the interpreter truncates (~3e-3).
+- x itself, unquantized: the error e4m3 activations allow; measured 2.5-2.7e-2 on Gaussian x, bound 3.5e-2.
+Outputs are poisoned with NaN first, so an element the kernel never wrote fails.
+"""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from runtime import fp8  # noqa: E402
+
+GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+DEVICE = "cuda" if GPU else "cpu"
+if torch.cuda.is_available() and not GPU:
+    pytest.skip("this GPU has no FP8 tensor cores (the runtime falls back to bf16 there)", allow_module_level=True)
+
+# DeepSeek-V3 (N, K): fused q_a+kv_a, kv_a, q_a, q_b, kv_b, o, shared gate+up, shared down, dense gate/up, dense down
+DEEPSEEK = [(2112, 7168), (576, 7168), (1536, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168),
+            (7168, 2048), (18432, 7168), (7168, 18432)]
+ODD = [(576, 512), (200, 384), (130, 300), (256, 256)]       # N, K not multiples of 128; K with a partial group
+SHAPES = DEEPSEEK + ODD if GPU else ODD
+MS = [1, 3, 16, 128, 1000] if GPU else [1, 3, 16, 130]
+EXACT_BOUND, E4M3_BOUND = 6e-3, 3.5e-2
+
+
+def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+def random_weight(N: int, K: int, gen: torch.Generator):
+    """e4m3 weights spread over their range, and tile scales of varied size (fresh random, never constant)."""
+    w = (torch.randn(N, K, generator=gen) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = torch.rand(-(-N // 128), -(-K // 128), generator=gen) * 1e-3 + 1e-4
+    return w.to(DEVICE), s.to(DEVICE)
+
+
+def random_x(M: int, K: int, gen: torch.Generator) -> torch.Tensor:
+    """bf16 activations whose rows and 128-groups differ in scale by orders of magnitude (amax floor included)."""
+    row = torch.logspace(-6, 2, M)[torch.randperm(M, generator=gen)][:, None]
+    group = torch.logspace(-2, 1, -(-K // 128))[torch.randperm(-(-K // 128), generator=gen)]
+    x = torch.randn(M, K, generator=gen) * row * group.repeat_interleave(128)[:K]
+    return x.to(torch.bfloat16).to(DEVICE)
+
+
+def test_act_quant_is_deepseeks_rounding():
+    """Bit for bit what torch gives: amax/448 scales (floor 1e-4), clamp, e4m3 round to nearest even."""
+    gen = torch.Generator().manual_seed(1)
+    for M, K in [(1, 7168), (7, 300), (33, 1536)] if GPU else [(1, 512), (7, 300)]:
+        x = random_x(M, K, gen).float()
+        x[0, :5] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3e-7])              # zero, tiny, subnormal range
+        q, s = fp8.act_quant(x)
+        rq, rs = fp8.reference_act_quant(x.cpu())
+        assert torch.equal(s.cpu(), rs), (M, K)
+        assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8)), (M, K)
+
+
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_gemm_against_float64(N, K):
+    gen = torch.Generator().manual_seed(N * 7 + K)
+    w, ws = random_weight(N, K, gen)
+    w64 = (w.double() * ws.double().repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]).cpu()
+    worst = []
+    for M in MS:
+        x = random_x(M, K, gen)
+        exact = fp8.reference_linear(x.cpu(), w.cpu(), ws.cpu())
+        unquantized = x.cpu().double() @ w64.T
+        cfg = fp8.config_for(M, N, K)
+        for quant_in_gemm in {cfg.quant_in_gemm and M == 1, False}:   # M == 1 also quantizes inside the GEMM
+            out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+            if quant_in_gemm:
+                fp8.fp8_gemm(x, None, w, ws, cfg, out=out)
+            else:
+                fp8.fp8_gemm(*fp8.act_quant(x), w, ws, cfg, out=out)
+            assert not out.isnan().any(), f"{M}x{N}x{K} {cfg}: unwritten output"
+            e1, e2 = rel(out.cpu(), exact), rel(out.cpu(), unquantized)
+            worst.append((M, quant_in_gemm, e1, e2))
+            assert e1 <= EXACT_BOUND, f"{M}x{N}x{K} {cfg} fused={quant_in_gemm}: {e1:.2e} vs exact-quantized reference"
+            assert e2 <= E4M3_BOUND, f"{M}x{N}x{K} {cfg} fused={quant_in_gemm}: {e2:.2e} vs unquantized x"
+    print(f"\n{N}x{K}: " + ", ".join(f"M={m}{'f' if q else ''} {a:.1e}/{b:.1e}" for m, q, a, b in worst))
+
+
+def test_every_split_and_tile_shape_agrees():
+    """Split-K counts that do and don't divide K's groups, tiles over the N edge: the same numbers each time
+    (deterministic reduction), and the split-K counters are left at zero for the next launch."""
+    gen = torch.Generator().manual_seed(3)
+    N, K = 576, 1024
+    w, ws = random_weight(N, K, gen)
+    outs = []
+    for M, cfg in [(1, fp8.Config(16, 64, 1, 4, 2, 1, True)), (1, fp8.Config(16, 64, 3, 4, 2, 1, True)),
+                   (5, fp8.Config(16, 32, 8, 4, 2, 1, False)), (5, fp8.Config(32, 128, 4, 4, 2, 4, False)),
+                   (1, fp8.Config(16, 16, 2, 4, 2, 1, True)), (40, fp8.Config(16, 64, 5, 4, 2, 1, False)),
+                   (40, fp8.Config(32, 64, 2, 4, 2, 1, False, STEP=2)), (130, fp8.Config(64, 128, 1, 4, 2, 4, STEP=2))]:
+        x = random_x(M, K, gen)
+        exact = fp8.reference_linear(x.cpu(), w.cpu(), ws.cpu())
+        for _ in range(2):
+            out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+            a = (x, None) if cfg.quant_in_gemm else fp8.act_quant(x)
+            fp8.fp8_gemm(*a, w, ws, cfg, out=out)
+            assert rel(out.cpu(), exact) <= EXACT_BOUND, cfg
+            outs.append(out.cpu())
+        assert torch.equal(outs[-1], outs[-2]), f"{cfg}: two runs differ"
+    assert int(fp8._workspace(torch.device(DEVICE))[1].abs().sum()) == 0
+
+
+def test_config_table_covers_deepseek_shapes():
+    """The shipped table answers every DeepSeek-V3 shape and M bucket without falling back (no first-run tuning),
+    and every config it holds is launchable for its shape."""
+    for N, K in DEEPSEEK:
+        for M in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]:
+            entry = fp8._load_table().get(f"{N}x{K}", {}).get(str(fp8.m_bucket(M)))
+            assert entry is not None, f"no shipped config for {N}x{K} M={M}"
+            assert fp8.Config(**entry).fits(M, N, K), (N, K, M, entry)

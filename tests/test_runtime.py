@@ -76,7 +76,7 @@ def merged(tmp_path_factory):
 def model(merged):
     import transformers
     transformers.utils.logging.set_verbosity_error()
-    return runtime.load(merged, max_len=1024)
+    return runtime.load(merged, max_len=1024, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +281,7 @@ def test_prefill_then_decode_equals_one_full_pass(merged, model, prose_ids):
     assert diff.max() <= 0.1 and kl.max() <= 1e-3 and top1 >= 1 - 1.5 / len(ids)
     assert (diff <= 1e-4).double().mean() >= 0.75
 
-    exact = runtime.load(merged, max_len=512)           # the same model, experts without activation rounding
+    exact = runtime.load(merged, max_len=512, device="cpu")  # the same model, experts without activation rounding
     for layer in exact.net.layers:
         if isinstance(layer.ffn, MoE):
             layer.ffn.experts = FloatExperts(layer.ffn.experts)
@@ -450,5 +450,5 @@ def test_opens_a_seed_system_folder(merged, model, prose_ids, tmp_path):
     assert not folder.verified and folder.manifest is None
     exps = folder.tensors["blk.1.ffn_down_exps.weight"]
     assert exps.logical_shape == (16, 256, 256) and exps.ggml_type in (12, 14)
-    seed_model = runtime.load(seed, max_len=1024)
+    seed_model = runtime.load(seed, max_len=1024, device="cpu")
     assert torch.equal(runtime.logits(seed_model, prose_ids[:64]), runtime.logits(model, prose_ids[:64]))

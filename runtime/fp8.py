@@ -6,9 +6,12 @@ DeepSeek's own act_quant does. The GEMM accumulates each 128-K step's product in
 
 Two launch shapes, picked per call from a shipped table (fp8_configs.json, made by `benchmarks/fp8_gemm.py --tune`):
 - small M (decode): K is split across programs so that enough of them stream the weight; the last program of each
-  output tile to finish sums the partials in a fixed order (deterministic) and writes bf16. For M == 1 the GEMM
-  also quantizes x itself (each program its own 128-wide pieces), so one launch does everything.
-- large M (prefill): `act_quant` once, then a plain tiled GEMM, grouped along M for L2 reuse.
+  output tile to finish sums the partials in a fixed order (deterministic) and writes bf16. For M == 1 the GEMM can
+  also quantize x itself (each program its own 128-wide pieces: one launch); the table holds whichever was faster
+  (on the H200 we tuned, the separate `act_quant` launch, 1 warp per group, won on every shape).
+- large M (prefill): `act_quant` once, then a plain tiled GEMM, grouped along M for L2 reuse; STEP 2 issues two
+  128-K products per iteration before their scaled adds.
+Measurements and the goals they meet or miss: BENCHMARKS.md.
 
 Rounding to e4m3 is done by hand (`_round_e4m3`: ties to even, saturating), so the final cast is exact. The GPU's own
 cast gives the same bits; Triton's CPU interpreter (TRITON_INTERPRET=1, used by the tests on machines without a GPU)
@@ -25,8 +28,6 @@ import triton
 import triton.language as tl
 
 GROUP = 128                      # quantization group of x along K, and W's tile edge
-FP8_MAX = 448.0
-AMAX_FLOOR = 1e-4
 WORKSPACE_FLOATS = 8 << 20       # split-K partials, per device: 32 MiB
 LOCKS = 1 << 16                  # one counter per output tile of a split-K launch
 
@@ -165,7 +166,7 @@ def default_config(M: int, N: int, K: int, sms: int = 132) -> Config:
         BN = 64
         tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
         split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, GROUP) // 2, 16))
-        cfg = Config(BM, BN, split, 4, 4, 1, quant_in_gemm=M == 1)
+        cfg = Config(BM, BN, split, 4, 4, 1)
         while not cfg.fits(M, N, K):
             cfg = Config(BM, BN, cfg.SPLIT // 2, 4, 4, 1, cfg.quant_in_gemm)
         return cfg

@@ -210,7 +210,7 @@ def main():
             nbytes = N * K + 2 * M * K + 2 * M * N + 4 * (N // 128 + 1) * (K // 128 + 1)
             rows.append(dict(shape=name, N=N, K=K, M=M, ours_us=ours * 1e6, gemm_us=gemm * 1e6, bf16_us=bf * 1e6,
                              scaled_mm_us=smm * 1e6 if smm else None, scaled_mm_note=why,
-                             tflops=fp8.tflops(M, N, K, ours), gbs=nbytes / ours / 1e9,
+                             tflops=2 * M * N * K / ours / 1e12, gbs=nbytes / ours / 1e9,
                              cfg=vars(fp8.config_for(M, N, K))))
         del case
         torch.cuda.empty_cache()

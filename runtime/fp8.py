@@ -265,16 +265,3 @@ def reference_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) ->
 def reference_act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from runtime.model import act_quant_reference
     return act_quant_reference(x)
-
-
-def supported(device: torch.device) -> bool:
-    """FP8 tensor cores: compute capability 8.9 (Ada) and up."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def tflops(M: int, N: int, K: int, seconds: float) -> float:
-    return 2 * M * N * K / seconds / 1e12
-
-
-__all__ = ["act_quant", "fp8_gemm", "fp8_linear", "reference_linear", "reference_act_quant", "Config",
-           "config_for", "default_config", "supported", "m_bucket"]

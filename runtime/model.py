@@ -141,11 +141,15 @@ class Weights:
             w = torch.cat([torch.from_numpy(np.array(self.f.raw(n))) for n in names]).view(torch.float8_e4m3fn)
             s = torch.cat([torch.from_numpy(np.array(self.f.raw(n + "_scale_inv"))) for n in names])
             return Linear(w.to(self.device), s.float().to(self.device), rows if len(names) > 1 else None)
-        ws = [fp8_dequant(self.f.raw(n), self.f.raw(n + "_scale_inv")).to(torch.bfloat16) if fp8_ else
-              self.plain(n).to(torch.bfloat16) for n, fp8_ in zip(names, is_fp8)]
-        lin = Linear(torch.cat(ws).to(self.device), None, rows if len(names) > 1 else None)
+        lin = Linear(torch.cat([self.bf16(n) for n in names]), None, rows if len(names) > 1 else None)
         lin.fake_quant = self.emulate_fp8 and all(is_fp8)
         return lin
+
+    def bf16(self, name: str) -> torch.Tensor:
+        """A linear's weight as bf16 on the device: FP8 dequantized per 128x128 tile (on the CPU, once)."""
+        if self.f.tensors[name].dtype == "F8_E4M3":
+            return fp8_dequant(self.f.raw(name), self.f.raw(name + "_scale_inv")).to(torch.bfloat16).to(self.device)
+        return self.plain(name).to(torch.bfloat16)
 
     def plain(self, name: str) -> torch.Tensor:
         t = self.f.tensors[name]
@@ -167,8 +171,7 @@ class MLA:
         self.wqkv_a = w.linear(b + "attn_q_a.weight", b + "attn_kv_a_mqa.weight")    # one input: one GEMM
         self.q_norm, self.kv_norm = w.plain(b + "attn_q_a_norm.weight"), w.plain(b + "attn_kv_a_norm.weight")
         self.wq_b = w.linear(b + "attn_q_b.weight")
-        kv_b = w.linear(b + "attn_kv_b.weight")
-        kv_b = (kv_b.w.float() if kv_b.scale is None else _dequant_on(kv_b)).view(a.n_heads, -1, a.kv_lora)
+        kv_b = w.bf16(b + "attn_kv_b.weight").view(a.n_heads, -1, a.kv_lora)     # absorbed: never a GEMM of its own
         self.dt = torch.bfloat16 if w.device.type == "cuda" else torch.float32    # weight products: tensor cores
         self.w_kb, self.w_vb = kv_b[:, :a.nope].to(self.dt), kv_b[:, a.nope:].to(self.dt)
         self.wo = w.linear(b + "attn_output.weight")
@@ -198,12 +201,6 @@ class MLA:
         o = torch.einsum("ths,sc->thc", scores.softmax(-1), kv_cache)
         o = torch.einsum("thc,hdc->thd", o.to(self.dt), self.w_vb)                      # and W_v into the output
         return self.wo(o.flatten(1))
-
-
-def _dequant_on(lin: Linear) -> torch.Tensor:
-    """An FP8 Linear's weight as float32, on its device."""
-    s = lin.scale.repeat_interleave(128, 0)[:lin.w.shape[0]].repeat_interleave(128, 1)[:, :lin.w.shape[1]]
-    return lin.w.float() * s
 
 
 class MLP:

@@ -168,7 +168,7 @@ def default_config(M: int, N: int, K: int, sms: int = 132) -> Config:
         split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, GROUP) // 2, 16))
         cfg = Config(BM, BN, split, 4, 4, 1)
         while not cfg.fits(M, N, K):
-            cfg = Config(BM, BN, cfg.SPLIT // 2, 4, 4, 1, cfg.quant_in_gemm)
+            cfg = Config(BM, BN, cfg.SPLIT // 2, 4, 4, 1)
         return cfg
     return Config(128, 128, 1, 8, 4) if M >= 256 else Config(64, 128, 1, 4, 4)
 

@@ -8,13 +8,14 @@ Timing: each measured call is captured R times into one CUDA graph, the R calls 
 weights to exceed 3x the L2 cache (decode streams weights from HBM, as in the model, where every layer has its own);
 the graph is replayed 15 times (CUDA events) and the median replay / R is the time per call. Inputs are fresh random
 data, never zeros.
-Columns: ours = the whole linear from bf16 x (quantization inside the GEMM or a separate act_quant launch, whichever
-the shipped table picks); gemm = our GEMM alone on pre-quantized x, the like-for-like match for _scaled_mm, which also
-takes quantized x. Ratios are time(baseline) / time(ours). TFLOP/s and GB/s (weights + x + y bytes) of ours against
+Columns: ours = the whole linear from bf16 x as the runtime runs it (act_quant launch + GEMM), with activations in two
+e4m3 terms (the runtime's default) and in one (DeepSeek's scheme); gemm = our GEMM alone on pre-quantized x, one
+term, the like-for-like match for _scaled_mm, which also takes one-term quantized x. Ratios are time(baseline) / time(ours). TFLOP/s and GB/s (weights + x + y bytes) of ours against
 ceilings measured in the same run: an 8192^3 bf16 matmul, an 8192^3 per-tensor fp8 _scaled_mm, a 2 GiB device copy
 (bytes read + written).
---tune: first sweep launch configs per shape and M bucket (same harness), write the winners to the given file (the
-table runtime.fp8 ships), then benchmark with it. Buckets not measured take the nearest measured one's winner.
+--tune: first sweep launch configs per shape and bucket of quantized-x rows (same harness; one row = one-term M=1,
+two rows and up = two-term tokens, the default), write the winners to the given file (the table runtime.fp8 ships),
+then benchmark with it. Buckets not measured take the nearest measured one's winner.
 """
 import argparse
 import json
@@ -32,6 +33,7 @@ SHAPES = {"q_a+kv_a": (2112, 7168), "kv_a": (576, 7168), "q_a": (1536, 7168), "q
           "kv_b": (32768, 512), "o": (7168, 16384), "shared gate+up": (4096, 7168), "shared down": (7168, 2048),
           "dense gate/up": (18432, 7168), "dense down": (7168, 18432)}
 MS = [1, 4, 16, 64, 128, 512, 4096]
+TUNE_ROWS = [1, 2, 16, 128, 512, 4096]
 BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 dev = torch.device("cuda")
 L2 = torch.cuda.get_device_properties(dev).L2_cache_size
@@ -86,18 +88,17 @@ def x_for(M: int, K: int) -> torch.Tensor:
     return (torch.randn(M, K, device=dev) * torch.rand(M, 1, device=dev) * 4).to(torch.bfloat16)
 
 
-def time_ours(case: Case, M: int, cfg: fp8.Config | None = None, prequant: bool = False) -> float:
+def time_ours(case: Case, M: int, cfg: fp8.Config | None = None, prequant: bool = False, terms: int = 2) -> float:
     x = x_for(M, case.K)
-    cfg = cfg or fp8.config_for(M, case.N, case.K)
+    cfg = cfg or fp8.config_for(terms * M, case.N, case.K)
     out = torch.empty(M, case.N, dtype=torch.bfloat16, device=dev)
     r = len(case.w)
     if prequant:
-        q, s = fp8.act_quant(x)
-        return graph_time(lambda i: fp8.fp8_gemm(q, s, case.w[i % r], case.ws[i % r], cfg, out=out), case.calls())
-    if cfg.quant_in_gemm and M == 1:
-        return graph_time(lambda i: fp8.fp8_gemm(x, None, case.w[i % r], case.ws[i % r], cfg, out=out), case.calls())
-    return graph_time(lambda i: fp8.fp8_gemm(*fp8.act_quant(x), case.w[i % r], case.ws[i % r], cfg, out=out),
-                      case.calls())
+        q, s = fp8.act_quant(x, terms)
+        return graph_time(lambda i: fp8.fp8_gemm(q, s, case.w[i % r], case.ws[i % r], cfg, out=out, terms=terms),
+                          case.calls())
+    return graph_time(lambda i: fp8.fp8_gemm(*fp8.act_quant(x, terms), case.w[i % r], case.ws[i % r], cfg, out=out,
+                                             terms=terms), case.calls())
 
 
 def time_bf16(case: Case, M: int) -> float:
@@ -148,9 +149,8 @@ def candidates(M: int, N: int, K: int) -> list[fp8.Config]:
         for BM in sorted({16 if M <= 16 else 32 if M <= 32 else 64, 16 if M > 16 else 16}):
             for BN in (32, 64, 128):
                 for split in (1, 2, 4, 8, 16):
-                    for stages in (3, 5):
-                        for fused in ((True, False) if M == 1 else (False,)):
-                            out.append(fp8.Config(BM, BN, split, 4, stages, 1, quant_in_gemm=fused))
+                    for stages in (3, 5, 7):
+                        out.append(fp8.Config(BM, BN, split, 4, stages, 1))
     else:
         for BM, BN, warps, stages in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (128, 128, 4, 4),
                                       (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)):
@@ -161,6 +161,7 @@ def candidates(M: int, N: int, K: int) -> list[fp8.Config]:
 
 
 def tune(path: Path, ms: list[int]) -> None:
+    """ms: rows of quantized x; 1 is timed as one token in one term, more as ms/2 tokens in two terms."""
     table = {}
     for name, (N, K) in SHAPES.items():
         case = Case(N, K)
@@ -169,7 +170,7 @@ def tune(path: Path, ms: list[int]) -> None:
             results = []
             for cfg in candidates(M, N, K):
                 try:
-                    results.append((time_ours(case, M, cfg), cfg))
+                    results.append((time_ours(case, max(M // 2, 1), cfg, terms=1 if M == 1 else 2), cfg))
                 except Exception as e:  # a config Triton cannot build for this chip: skip it, say so
                     print(f"  skip {cfg}: {type(e).__name__} {str(e).splitlines()[0][:80]}")
             timed[M] = sorted(results, key=lambda r: r[0])
@@ -195,7 +196,7 @@ def main():
     args = p.parse_args()
     ms = [1, 4096] if args.quick else MS
     if args.tune:
-        tune(args.tune, MS)
+        tune(args.tune, TUNE_ROWS)
     ceil = ceilings()
     print(f"{torch.cuda.get_device_name()}, {SMS} SMs, L2 {L2 >> 20} MiB, torch {torch.__version__}, "
           f"triton {__import__('triton').__version__}")
@@ -205,34 +206,43 @@ def main():
     for name, (N, K) in SHAPES.items():
         case = Case(N, K)
         for M in ms:
-            ours, gemm, bf = time_ours(case, M), time_ours(case, M, prequant=True), time_bf16(case, M)
+            ours, ours1 = time_ours(case, M), time_ours(case, M, terms=1)
+            gemm, bf = time_ours(case, M, prequant=True, terms=1), time_bf16(case, M)
             smm, why = time_scaled_mm(case, M)
             nbytes = N * K + 2 * M * K + 2 * M * N + 4 * (N // 128 + 1) * (K // 128 + 1)
-            rows.append(dict(shape=name, N=N, K=K, M=M, ours_us=ours * 1e6, gemm_us=gemm * 1e6, bf16_us=bf * 1e6,
-                             scaled_mm_us=smm * 1e6 if smm else None, scaled_mm_note=why,
-                             tflops=2 * M * N * K / ours / 1e12, gbs=nbytes / ours / 1e9,
-                             cfg=vars(fp8.config_for(M, N, K))))
+            rows.append(dict(shape=name, N=N, K=K, M=M, ours_us=ours * 1e6, ours1_us=ours1 * 1e6, gemm_us=gemm * 1e6,
+                             bf16_us=bf * 1e6, scaled_mm_us=smm * 1e6 if smm else None, scaled_mm_note=why,
+                             tflops=2 * M * N * K / ours1 / 1e12, gbs=nbytes / ours / 1e9,
+                             cfg=vars(fp8.config_for(2 * M, N, K)), cfg1=vars(fp8.config_for(M, N, K))))
         del case
         torch.cuda.empty_cache()
-    print(f"\n{'shape':15s} {'N x K':>12s} {'M':>5s} {'ours us':>9s} {'gemm us':>9s} {'bf16 us':>9s} {'smm us':>9s}"
-          f" {'x bf16':>7s} {'gemm/smm':>8s} {'TFLOP/s':>8s} {'%fp8':>5s} {'GB/s':>6s} {'%copy':>5s}")
+    print("\nours = 2 activation terms (default), ours1 = 1 term; gemm = 1 term, x pre-quantized; TFLOP/s of ours1, "
+          "GB/s of ours")
+    print(f"{'shape':15s} {'N x K':>12s} {'M':>5s} {'ours us':>8s} {'ours1 us':>8s} {'gemm us':>8s} {'bf16 us':>8s}"
+          f" {'smm us':>8s} {'x bf16':>6s} {'1 x bf16':>8s} {'gemm/smm':>8s} {'TFLOP/s':>8s} {'%fp8':>5s} {'GB/s':>6s}"
+          f" {'%copy':>5s}")
     for r in rows:
-        smm = f"{r['scaled_mm_us']:9.1f}" if r["scaled_mm_us"] else f"{'n/a':>9s}"
+        smm = f"{r['scaled_mm_us']:8.1f}" if r["scaled_mm_us"] else f"{'n/a':>8s}"
         vs = f"{r['scaled_mm_us'] / r['gemm_us']:8.2f}" if r["scaled_mm_us"] else f"{'':>8s}"
-        print(f"{r['shape']:15s} {r['N']:>5d}x{r['K']:<6d} {r['M']:5d} {r['ours_us']:9.1f} {r['gemm_us']:9.1f} "
-              f"{r['bf16_us']:9.1f} {smm} {r['bf16_us'] / r['ours_us']:7.2f} {vs} {r['tflops']:8.1f} "
-              f"{100 * r['tflops'] / ceil['fp8_tflops']:5.1f} {r['gbs']:6.0f} {100 * r['gbs'] / ceil['copy_gbs']:5.1f}")
+        print(f"{r['shape']:15s} {r['N']:>5d}x{r['K']:<6d} {r['M']:5d} {r['ours_us']:8.1f} {r['ours1_us']:8.1f} "
+              f"{r['gemm_us']:8.1f} {r['bf16_us']:8.1f} {smm} {r['bf16_us'] / r['ours_us']:6.2f} "
+              f"{r['bf16_us'] / r['ours1_us']:8.2f} {vs} {r['tflops']:8.1f} {100 * r['tflops'] / ceil['fp8_tflops']:5.1f}"
+              f" {r['gbs']:6.0f} {100 * r['gbs'] / ceil['copy_gbs']:5.1f}")
     print("\nsummed over the shapes (time of baseline / time of ours):")
     summary = {}
     for M in ms:
         sel = [r for r in rows if r["M"] == M]
         ours, bf = sum(r["ours_us"] for r in sel), sum(r["bf16_us"] for r in sel)
+        ours1 = sum(r["ours1_us"] for r in sel)
         worst = min(sel, key=lambda r: r["bf16_us"] / r["ours_us"])
+        worst1 = min(sel, key=lambda r: r["bf16_us"] / r["ours1_us"])
         with_smm = [r for r in sel if r["scaled_mm_us"]]
-        line = (f"M={M:5d}: ours {ours:9.1f} us, bf16 {bf:9.1f} us: {bf / ours:.2f}x bf16 "
-                f"(slowest shape {worst['shape']} {worst['bf16_us'] / worst['ours_us']:.2f}x)")
-        s = {"ours_us": ours, "bf16_us": bf, "x_bf16": bf / ours, "worst_shape": worst["shape"],
-             "worst_x_bf16": worst["bf16_us"] / worst["ours_us"]}
+        line = (f"M={M:5d}: bf16 {bf:8.1f} us; 2 terms {ours:8.1f} us = {bf / ours:.2f}x bf16 (slowest "
+                f"{worst['shape']} {worst['bf16_us'] / worst['ours_us']:.2f}x); 1 term {ours1:8.1f} us = "
+                f"{bf / ours1:.2f}x (slowest {worst1['shape']} {worst1['bf16_us'] / worst1['ours1_us']:.2f}x)")
+        s = {"ours_us": ours, "ours1_us": ours1, "bf16_us": bf, "x_bf16": bf / ours, "x_bf16_1term": bf / ours1,
+             "worst_shape": worst["shape"], "worst_x_bf16": worst["bf16_us"] / worst["ours_us"],
+             "worst_shape_1term": worst1["shape"], "worst_x_bf16_1term": worst1["bf16_us"] / worst1["ours1_us"]}
         if with_smm:
             g, sm = sum(r["gemm_us"] for r in with_smm), sum(r["scaled_mm_us"] for r in with_smm)
             s["gemm_x_scaled_mm"] = sm / g

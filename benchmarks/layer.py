@@ -35,7 +35,7 @@ from runtime import ggml_ops as G  # noqa: E402  (first: OpenMP wait policy)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from runtime.load import Folder, TensorInfo  # noqa: E402
-from runtime.model import MoE, Transformer  # noqa: E402
+from runtime.model import Linear, MoE, Transformer  # noqa: E402
 from synthetic import HIDDEN, INTER, MATS, TOPK, expert_nbytes, random_expert  # noqa: E402
 
 CONFIG = {"vocab_size": 1024, "hidden_size": HIDDEN, "intermediate_size": 18432, "moe_intermediate_size": INTER,
@@ -122,6 +122,15 @@ def median_time(fn, n: int) -> float:
     return statistics.median(out)
 
 
+def set_terms(net: Transformer, terms: int) -> None:
+    """Activations of every FP8 linear in `terms` e4m3 terms."""
+    for layer in net.layers:
+        for part in (layer.attn, layer.ffn, getattr(layer.ffn, "shared", None)):
+            for v in (vars(part).values() if part is not None else ()):
+                if isinstance(v, Linear):
+                    v.terms = terms
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--experts", type=int, default=256)
@@ -205,6 +214,18 @@ def main():
                 serial.append(median_time(lambda: (attn_only.replay(), moe_part(False)), 1))
         t_moe, t_serial = statistics.median(over), statistics.median(serial)
 
+        # ------------------------------------------------------------------ the same with one activation term
+        set_terms(net, 1)
+        net.forward(toks, 0)
+        t_pre1 = median_time(lambda: net.forward(toks, 0), 3)
+        with torch.inference_mode():
+            moe_layer.before_experts(x0, p0, None, net.freqs[p0])
+            attn_1 = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(attn_1):
+                moe_layer.before_experts(x0, p0, None, net.freqs[p0])
+            t_attn1 = median_time(attn_1.replay, args.steps)
+        set_terms(net, 2)
+
         # ------------------------------------------------------------------ CPU bandwidth bound
         buf = torch.ones(1 << 30)                                # 4 GiB of float32
         bw = 4 * (1 << 30) / median_time(buf.sum, 5)
@@ -217,7 +238,8 @@ def main():
                         moe_layer_overlapped_s=t_moe, moe_layer_serial_s=t_serial, lm_head_s=t_head,
                         cpu_read_gbs=bw / 1e9, expert_bytes_per_token=bytes_token,
                         projected_decode_tok_s=1 / step_real, bound_tok_s=bw / bytes_token,
-                        prefill_tok_s=args.prefill / t_pre))
+                        prefill_tok_s=args.prefill / t_pre, prefill_tok_s_1term=args.prefill / t_pre1,
+                        moe_attn_router_gpu_s_1term=t_attn1))
 
     us = lambda s: f"{s * 1e6:8.0f} us"  # noqa: E731
     print(f"\n{res['device']}; CPU experts on {threads} threads ({os.cpu_count()} logical CPUs)")
@@ -230,6 +252,8 @@ def main():
     print(f"  runtime decode step over this 2-layer model {us(t_step)}")
     print(f"prefill {args.prefill} tokens (2 layers): {args.prefill / t_pre:.0f} tokens/s; "
           f"per MoE+dense layer pair {t_pre * 1e3:.0f} ms")
+    print(f"one activation term instead of two: prefill {args.prefill / t_pre1:.0f} tokens/s "
+          f"({t_pre / t_pre1:.3f}x the two-term time); decode attention + router {us(t_attn1)} ({us(t_attn)} with two)")
     print(f"projection, DeepSeek-V3 decode: {LAYERS_DENSE} x {t_dense * 1e3:.2f} + {LAYERS_MOE} x {t_moe * 1e3:.2f} + "
           f"{t_head * 1e3:.2f} ms = {step_real * 1e3:.0f} ms/token = {1 / step_real:.2f} tokens/s")
     print(f"bound: {bytes_token / 1e9:.1f} GB of expert bytes per token / {bw / 1e9:.0f} GB/s CPU read bandwidth = "

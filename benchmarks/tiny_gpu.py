@@ -4,9 +4,10 @@ The tiny fixture model end to end on the GPU (runtime.api, --device cuda) agains
     python benchmarks/tiny_gpu.py [--model out/tiny-deepseek-v3] [--json out.json]
 
 Checks, then times:
-- accuracy: logits over the prose test text (tests/data/prose.txt) on the GPU with FP8 kernels, and with bf16
-  weights (the <sm89 fallback, forced), against the CPU path, and against the CPU path with the FP8 kernels'
-  rounding emulated in torch (Transformer(emulate_fp8=True)): mean KL, top-1 agreement, relative logit error;
+- accuracy: logits over the prose test text (tests/data/prose.txt) on the GPU with FP8 kernels (activations in two
+  e4m3 terms, the default, and in one), and with bf16 weights (the <sm89 fallback, forced), against the CPU path,
+  and against the CPU path with the FP8 kernels' rounding emulated in torch (Transformer(emulate_fp8=True)): mean
+  KL, top-1 agreement, relative logit error;
 - decode through CUDA graphs (prefill, then one token at a time) against one full pass over the same tokens;
 - speed: prefill tokens/s (512 tokens) and greedy decode tokens/s (128 tokens) on GPU and CPU, and the GPU memory
   the model holds (weights + caches + graphs; torch's peak allocation).
@@ -71,11 +72,16 @@ def main():
     ref = api.logits(cpu, ids[:256])
     out = api.logits(gpu, ids[:256])
     emu = Transformer(cpu.folder, max_len=1024, emulate_fp8=True).forward(torch.tensor(ids[:256]))
+    out1 = Transformer(gpu.folder, max_len=1024, device="cuda", fp8=True, act_terms=1).forward(torch.tensor(ids[:256]))
+    emu1 = Transformer(cpu.folder, max_len=1024, emulate_fp8=True, act_terms=1).forward(torch.tensor(ids[:256]))
     bf_net = Transformer(gpu.folder, max_len=1024, device="cuda", fp8=False)
     bf = bf_net.forward(torch.tensor(ids[:256]))
     res["gpu_fp8_vs_cpu"] = kl_top1(ref, out)
     res["cpu_fp8_emulated_vs_cpu"] = kl_top1(ref, emu)
     res["gpu_fp8_vs_cpu_fp8_emulated"] = kl_top1(emu, out)
+    res["gpu_fp8_1term_vs_cpu"] = kl_top1(ref, out1)
+    res["cpu_fp8_1term_emulated_vs_cpu"] = kl_top1(ref, emu1)
+    res["gpu_fp8_1term_vs_emulated"] = kl_top1(emu1, out1)
     res["gpu_bf16_vs_cpu"] = kl_top1(ref, bf)
 
     def incremental(net):          # prefill 200, then decode 56 one by one (CUDA graphs)
@@ -93,7 +99,9 @@ def main():
     res["cpu_prefill_tok_s"], res["cpu_decode_tok_s"] = speed(cpu, ids, args.decode)
 
     print(f"\n{res['device']}, torch {res['torch']}")
-    for k in ("gpu_fp8_vs_cpu", "cpu_fp8_emulated_vs_cpu", "gpu_fp8_vs_cpu_fp8_emulated", "gpu_bf16_vs_cpu",
+    print("fp8 = FP8 kernels, activations in two e4m3 terms (the default); fp8_1term = DeepSeek's one term")
+    for k in ("gpu_fp8_vs_cpu", "cpu_fp8_emulated_vs_cpu", "gpu_fp8_vs_cpu_fp8_emulated", "gpu_fp8_1term_vs_cpu",
+              "cpu_fp8_1term_emulated_vs_cpu", "gpu_fp8_1term_vs_emulated", "gpu_bf16_vs_cpu",
               "graph_decode_vs_full_pass_fp8", "graph_decode_vs_full_pass_bf16"):
         kl, top1, rel = res[k]
         print(f"{k:31s} mean KL {kl:.2e}  top-1 {top1:.4f}  rel logits {rel:.2e}")

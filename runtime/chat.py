@@ -32,6 +32,8 @@ from typing import Callable
 import click
 
 ROOT = Path(__file__).resolve().parent.parent
+ACT_TERMS_HELP = ("GPU FP8 linears: activations as 2 e4m3 terms (x and its remainder, ~7 bits) or 1 "
+                  "(DeepSeek's scheme, 3 bits; faster prefill).")
 DEFAULT_MODEL = ROOT / "out" / "tiny-deepseek-v3"
 
 
@@ -195,7 +197,7 @@ def _generation_defaults(folder: Path) -> dict:
     return out
 
 
-def load_model(folder: Path, device: str, threads: int | None, ctx: int, allow_unverified: bool):
+def load_model(folder: Path, device: str, threads: int | None, ctx: int, allow_unverified: bool, act_terms: int = 2):
     """runtime.api.load for a CLI: quiet transformers (imported only once the folder opened), threads for torch too;
     any failure is one line, exit 2."""
     import os
@@ -206,7 +208,8 @@ def load_model(folder: Path, device: str, threads: int | None, ctx: int, allow_u
     if threads:
         torch.set_num_threads(threads)
     try:
-        return api.load(folder, device=device, threads=threads, max_len=ctx, allow_unverified=allow_unverified)
+        return api.load(folder, device=device, threads=threads, max_len=ctx, allow_unverified=allow_unverified,
+                        act_terms=act_terms)
     except ModelError as e:
         _fail(folder, str(e))
     except (OSError, ValueError, KeyError, TypeError) as e:  # a folder that is not what its files claim
@@ -231,6 +234,7 @@ def _emit(piece: str) -> None:
 @click.option("--model", "folder", type=click.Path(path_type=Path), default=DEFAULT_MODEL, show_default=True,
               help="A merged model folder (docs/FORMAT.md).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--act-terms", type=click.IntRange(1, 2), default=2, show_default=True, help=ACT_TERMS_HELP)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: physical cores).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=None,
@@ -242,9 +246,10 @@ def _emit(piece: str) -> None:
 @click.option("--prompt", default=None, help="Answer this one prompt and exit.")
 @click.option("--allow-unverified", is_flag=True, help="Serve a folder whose manifest.json says verified: false.")
 @click.option("--ctx", type=click.IntRange(min=2), default=4096, show_default=True, help="Context length (tokens).")
-def main(folder, device, threads, max_new_tokens, temperature, top_p, seed, system, prompt, allow_unverified, ctx):
+def main(folder, device, act_terms, threads, max_new_tokens, temperature, top_p, seed, system, prompt,
+         allow_unverified, ctx):
     """Chat with a merged DeepSeek-V3 model (interactive; /exit, /reset; Ctrl-C stops a reply)."""
-    model = load_model(folder, device, threads, ctx, allow_unverified)
+    model = load_model(folder, device, threads, ctx, allow_unverified, act_terms)
     defaults = _generation_defaults(folder)
     temperature = defaults.get("temperature", 1.0) if temperature is None else temperature
     top_p = defaults.get("top_p", 1.0) if top_p is None else top_p

@@ -4,11 +4,17 @@ W is e4m3 (N, K) with `weight_scale_inv` (ceil(N/128), ceil(K/128)) multiplying 
 x is quantized per token per 128-wide group of K: s = max(amax, 1e-4) / 448, q = e4m3(clamp(x / s, +-448)), as
 DeepSeek's own act_quant does. The GEMM accumulates each 128-K step's product in fp32 and adds it times s_x * s_w.
 
-Two launch shapes, picked per call from a shipped table (fp8_configs.json, made by `benchmarks/fp8_gemm.py --tune`):
+Activations in one or two terms (`terms`): 1 is DeepSeek's scheme above; 2 also quantizes what the first term
+missed, r = x - q*s, the same way (its own per-group scale), and the GEMM adds both products: x carried to ~7 bits
+instead of 3 at the cost of one more product per weight tile. A weight tile is loaded once for both, so for decode,
+where the time is the weight stream, the second term is nearly free; prefill does twice the tensor-core work.
+In the kernels the two terms of token m are rows 2m and 2m+1 of the quantized x; the GEMM sums each pair of output
+rows before it writes (so a one-token decode still fills one 16-row tile).
+
+Two launch shapes, picked per call from a shipped table (fp8_configs.json, made by `benchmarks/fp8_gemm.py --tune`),
+keyed by the rows of quantized x (terms x tokens):
 - small M (decode): K is split across programs so that enough of them stream the weight; the last program of each
-  output tile to finish sums the partials in a fixed order (deterministic) and writes bf16. For M == 1 the GEMM can
-  also quantize x itself (each program its own 128-wide pieces: one launch); the table holds whichever was faster
-  (on the H200 we tuned, the separate `act_quant` launch, 1 warp per group, won on every shape).
+  output tile to finish sums the partials in a fixed order (deterministic) and writes bf16.
 - large M (prefill): `act_quant` once, then a plain tiled GEMM, grouped along M for L2 reuse; STEP 2 issues two
   128-K products per iteration before their scaled adds.
 Measurements and the goals they meet or miss: BENCHMARKS.md.
@@ -44,34 +50,36 @@ def _round_e4m3(v):
 
 @triton.jit
 def _quantize(x):
-    """x fp32 (R, 128) -> (e4m3 (R, 128), scales fp32 (R,)), one scale per row."""
+    """x fp32 (R, 128) -> (e4m3 values as fp32 (R, 128), scales fp32 (R,)), one scale per row."""
     s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4), 448.0)
-    q = tl.clamp(tl.math.div_rn(x, s[:, None]), -448.0, 448.0)
-    return _round_e4m3(q).to(tl.float8e4nv), s
+    return _round_e4m3(tl.clamp(tl.math.div_rn(x, s[:, None]), -448.0, 448.0)), s
 
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, n_groups,
-                      ROWS: tl.constexpr, GROUPS: tl.constexpr):
+                      ROWS: tl.constexpr, GROUPS: tl.constexpr, TERMS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     for j in tl.static_range(GROUPS):
         g = tl.program_id(1) * GROUPS + j
         cols = g * 128 + tl.arange(0, 128)
         mask = (rows < M)[:, None] & (cols < K)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        q, s = _quantize(x)
-        tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
-        tl.store(s_ptr + rows * n_groups + g, s, mask=(rows < M) & (rows * 0 + g < n_groups))
+        for t in tl.static_range(TERMS):
+            q, s = _quantize(x)
+            out = rows * TERMS + t
+            tl.store(q_ptr + out[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+            tl.store(s_ptr + out * n_groups + g, s, mask=(rows < M) & (rows * 0 + g < n_groups))
+            x = x - q * s[:, None]           # what this term missed (launched without FMA contraction: as torch)
 
 
 @triton.jit
 def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, part_ptr, lock_ptr,
-                 M, N, K, stride_am, stride_wn, stride_cm, stride_wsn, groups_per_split,
+                 MA, N, K, stride_am, stride_wn, stride_cm, stride_wsn, groups_per_split,
                  BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
-                 STEP: tl.constexpr, QUANT_A: tl.constexpr, EVEN_K: tl.constexpr):
-    # program -> output tile, grouped along M so that neighbouring programs share W tiles in L2
+                 STEP: tl.constexpr, TERMS: tl.constexpr, EVEN_K: tl.constexpr):
+    # program -> tile of (MA rows of quantized x) x N, grouped along M so that neighbours share W tiles in L2
     pid, pid_k = tl.program_id(0), tl.program_id(1)
-    tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    tiles_m, tiles_n = tl.cdiv(MA, BM), tl.cdiv(N, BN)
     per_group = GROUP_M * tiles_n
     first_m = (pid // per_group) * GROUP_M
     group_m = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -81,7 +89,7 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, part_ptr, lock_ptr,
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, 128)
-    mask_m, mask_n = offs_m < M, offs_n < N
+    mask_m, mask_n = offs_m < MA, offs_n < N
     a_rows = a_ptr + offs_m[:, None] * stride_am
     w_cols = w_ptr + offs_n[None, :] * stride_wn
     ws_row = ws_ptr + (pid_n * BN // 128) * stride_wsn        # BN divides 128: one weight scale per step
@@ -95,36 +103,33 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, part_ptr, lock_ptr,
             k = g * 128 + offs_k
             if EVEN_K:
                 b = tl.load(w_cols + k[:, None], mask=mask_n[None, :], other=0.0)
-                if not QUANT_A:
-                    a = tl.load(a_rows + k[None, :], mask=mask_m[:, None], other=0.0)
+                a = tl.load(a_rows + k[None, :], mask=mask_m[:, None], other=0.0)
             else:
                 b = tl.load(w_cols + k[:, None], mask=mask_n[None, :] & (k < K)[:, None], other=0.0)
-                if not QUANT_A:
-                    a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
-            if QUANT_A:                              # M == 1: quantize the one row here, zeros below it
-                xv = tl.load(a_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-                s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xv)), 1e-4), 448.0)
-                xq = _round_e4m3(tl.clamp(tl.math.div_rn(xv, s), -448.0, 448.0))
-                a = tl.where(offs_m[:, None] == 0, xq[None, :], 0.0).to(tl.float8e4nv)
-                sa = tl.zeros((BM,), dtype=tl.float32) + s
-            else:
-                sa = tl.load(as_ptr + offs_m * n_groups + g, mask=mask_m, other=0.0)
+                a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
+            sa = tl.load(as_ptr + offs_m * n_groups + g, mask=mask_m, other=0.0)
             sb = tl.load(ws_row + g)
             acc += tl.dot(a, b) * (sa * sb)[:, None]
 
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-    mask_c = mask_m[:, None] & mask_n[None, :]
+    # rows -> tokens: a token's terms are adjacent rows
+    BO: tl.constexpr = BM // TERMS
+    if TERMS > 1:
+        acc = tl.sum(tl.reshape(acc, (BO, TERMS, BN)), axis=1)
+    M = MA // TERMS
+    offs_o = pid_m * BO + tl.arange(0, BO)
+    c_ptrs = c_ptr + offs_o[:, None] * stride_cm + offs_n[None, :]
+    mask_c = (offs_o < M)[:, None] & mask_n[None, :]
     if SPLIT == 1:
         tl.store(c_ptrs, acc.to(tl.bfloat16), mask=mask_c)
     else:
         # partials in (SPLIT, M, N); the last program of this tile to arrive sums them in split order
-        part = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+        part = part_ptr + offs_o[:, None] * N + offs_n[None, :]
         tl.store(part + pid_k * M * N, acc, mask=mask_c)
         tl.debug_barrier()                       # every thread's partial is stored before the release below
         tile = pid_m * tiles_n + pid_n
         arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT - 1:
-            total = tl.zeros((BM, BN), dtype=tl.float32)
+            total = tl.zeros((BO, BN), dtype=tl.float32)
             for s in range(SPLIT):
                 total += tl.load(part + s * M * N, mask=mask_c, other=0.0, cache_modifier=".cg")
             tl.store(c_ptrs, total.to(tl.bfloat16), mask=mask_c)
@@ -139,10 +144,10 @@ class Config:
     warps: int
     stages: int
     GROUP_M: int = 8
-    quant_in_gemm: bool = False      # M == 1 only
     STEP: int = 1                    # 128-K groups per loop iteration: 1 or 2 (K's groups per split must divide)
 
     def fits(self, M: int, N: int, K: int) -> bool:
+        """M: rows of quantized x (terms x tokens)."""
         tiles = triton.cdiv(M, self.BM) * triton.cdiv(N, self.BN)
         return (128 % self.BN == 0 and self.SPLIT <= triton.cdiv(K, GROUP) and triton.cdiv(K, GROUP) % self.STEP == 0
                 and (self.SPLIT == 1 or (triton.cdiv(K, GROUP) // self.SPLIT) % self.STEP == 0)
@@ -183,7 +188,7 @@ def _load_table() -> dict:
 def config_for(M: int, N: int, K: int) -> Config:
     c = _load_table().get(f"{N}x{K}", {}).get(str(m_bucket(M)))
     if c is not None:
-        cfg = Config(**c)
+        cfg = Config(**{k: v for k, v in c.items() if k in Config.__dataclass_fields__})
         if cfg.fits(M, N, K):
             return cfg
     return default_config(M, N, K)
@@ -199,30 +204,30 @@ def _workspace(device: torch.device):
     return _workspaces[device]
 
 
-def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) -> (e4m3 (M, K), fp32 scales (M, ceil(K/128)))."""
+def act_quant(x: torch.Tensor, terms: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (e4m3 (terms * M, K), fp32 scales (terms * M, ceil(K/128))); token m's terms are rows
+    terms*m .. terms*m + terms-1."""
     M, K = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     n_groups = triton.cdiv(K, GROUP)
-    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(M, n_groups, dtype=torch.float32, device=x.device)
+    q = torch.empty(terms * M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(terms * M, n_groups, dtype=torch.float32, device=x.device)
     rows, groups, warps = (1, 1, 1) if M <= 16 else (8, 4, 4)     # decode: many tiny programs, one warp each
     _act_quant_kernel[(triton.cdiv(M, rows), triton.cdiv(n_groups, groups))](
-        x, q, s, M, K, x.stride(0), n_groups, ROWS=rows, GROUPS=groups, num_warps=warps)
+        x, q, s, M, K, x.stride(0), n_groups, ROWS=rows, GROUPS=groups, TERMS=terms, num_warps=warps,
+        enable_fp_fusion=False)
     return q, s
 
 
-def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor,
-             cfg: Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a (M, K): e4m3 with a_scale (M, ceil(K/128)), or for M == 1 bf16/fp32 with a_scale None (quantized inside);
-    w e4m3 (N, K), w_scale (ceil(N/128), ceil(K/128)) -> bf16 (M, N), into `out` if given."""
-    M, K = a.shape
-    N = w.shape[0]
-    assert w.shape[1] == K and w.stride(1) == 1 and a.stride(1) == 1, (a.shape, w.shape)
-    cfg = cfg or config_for(M, N, K)
-    quant = a_scale is None
-    assert not quant or M <= 1, "quantization inside the GEMM is for one row (decode); act_quant first"
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+             cfg: Config | None = None, out: torch.Tensor | None = None, terms: int = 1) -> torch.Tensor:
+    """a (terms * M, K) e4m3 with a_scale (terms * M, ceil(K/128)) from act_quant; w e4m3 (N, K), w_scale
+    (ceil(N/128), ceil(K/128)) -> bf16 (M, N), into `out` if given."""
+    MA, K = a.shape
+    N, M = w.shape[0], MA // terms
+    assert w.shape[1] == K and w.stride(1) == 1 and a.stride(1) == 1 and MA % terms == 0, (a.shape, w.shape)
+    cfg = cfg or config_for(MA, N, K)
     if out is None:
         out = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
     assert out.shape == (M, N) and out.dtype == torch.bfloat16 and out.stride(1) == 1
@@ -232,36 +237,28 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_s
     n_groups = triton.cdiv(K, GROUP)
     split = max(d for d in range(1, cfg.SPLIT + 1) if n_groups % d == 0 and (n_groups // d) % cfg.STEP == 0)
     per_split = n_groups // split
-    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), split)
-    _gemm_kernel[grid](a, a if quant else a_scale, w, w_scale, out, part, locks,
-                       M, N, K, a.stride(0), w.stride(0), out.stride(0), w_scale.stride(0), per_split,
-                       BM=cfg.BM, BN=cfg.BN, SPLIT=split, GROUP_M=cfg.GROUP_M, STEP=cfg.STEP, QUANT_A=quant,
+    grid = (triton.cdiv(MA, cfg.BM) * triton.cdiv(N, cfg.BN), split)
+    _gemm_kernel[grid](a, a_scale, w, w_scale, out, part, locks,
+                       MA, N, K, a.stride(0), w.stride(0), out.stride(0), w_scale.stride(0), per_split,
+                       BM=cfg.BM, BN=cfg.BN, SPLIT=split, GROUP_M=cfg.GROUP_M, STEP=cfg.STEP, TERMS=terms,
                        EVEN_K=K % GROUP == 0, num_warps=cfg.warps, num_stages=cfg.stages)
     return out
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """x (..., K) any float dtype -> bf16 (..., N): quantize x per 128 group, block-scaled GEMM."""
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, terms: int = 1) -> torch.Tensor:
+    """x (..., K) any float dtype -> bf16 (..., N): quantize x per 128 group (in `terms` terms), block-scaled GEMM."""
     lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    cfg = config_for(x2.shape[0], w.shape[0], K)
-    if cfg.quant_in_gemm and x2.shape[0] == 1:
-        y = fp8_gemm(x2, None, w, w_scale, cfg)
-    else:
-        y = fp8_gemm(*act_quant(x2), w, w_scale, cfg)
+    y = fp8_gemm(*act_quant(x.reshape(-1, K), terms), w, w_scale, terms=terms)
     return y.view(*lead, w.shape[0])
 
 
-def reference_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+def reference_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, terms: int = 1) -> torch.Tensor:
     """float64 reference on the dequantized operands: x quantized as the kernels do (torch ops), W tile-scaled."""
-    xq, xs = reference_act_quant(x)
-    xd = xq.double() * xs.double().repeat_interleave(GROUP, -1)[..., :x.shape[-1]]
+    from runtime.model import fake_act_quant
     ws = w_scale.double().repeat_interleave(GROUP, 0)[:w.shape[0]].repeat_interleave(GROUP, 1)[:, :w.shape[1]]
-    return xd @ (w.double() * ws).T
+    return fake_act_quant(x, terms, torch.float64) @ (w.double() * ws).T
 
 
-def reference_act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_act_quant(x: torch.Tensor, terms: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     from runtime.model import act_quant_reference
-    return act_quant_reference(x)
+    return act_quant_reference(x, terms)

@@ -83,39 +83,49 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(z * freqs.view(shape)).flatten(-2)
 
 
-def act_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant_reference(x: torch.Tensor, terms: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek's activation quantization in torch ops: per token, per 128 group of the last axis, scale =
-    max(amax, 1e-4) / 448, e4m3(clamp(x / scale)). Returns (e4m3 codes, float32 scales (..., ceil(K/128)))."""
+    max(amax, 1e-4) / 448, e4m3(clamp(x / scale)). With terms=2 the float32 remainder x - q*scale is quantized the
+    same way again. Returns (e4m3 codes (..., terms * T, K) with token t's terms in rows terms*t.., float32 scales
+    (..., terms * T, ceil(K/128))) for x (..., T, K)."""
     K = x.shape[-1]
     g = F.pad(x.float(), (0, -K % 128)).unflatten(-1, (-1, 128))
-    s = g.abs().amax(-1).clamp_min(1e-4) / 448.0
-    q = (g / s[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-    return q.flatten(-2)[..., :K], s
+    codes, scales = [], []
+    for _ in range(terms):
+        s = g.abs().amax(-1).clamp_min(1e-4) / 448.0
+        q = (g / s[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        codes.append(q.flatten(-2)[..., :K])
+        scales.append(s)
+        g = g - q.float() * s[..., None]
+    return torch.stack(codes, -2).flatten(-3, -2), torch.stack(scales, -2).flatten(-3, -2)
 
 
-def fake_act_quant(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as the FP8 kernels round it, back in float32: the GPU path's activation numerics on the CPU."""
-    q, s = act_quant_reference(x)
-    return q.float() * s.repeat_interleave(128, -1)[..., :x.shape[-1]]
+def fake_act_quant(x: torch.Tensor, terms: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x rounded as the FP8 kernels round it (the sum of its terms), in `dtype`: the GPU path's activation numerics
+    on the CPU."""
+    q, s = act_quant_reference(x, terms)
+    terms_x = q.to(dtype) * s.to(dtype).repeat_interleave(128, -1)[..., :x.shape[-1]]
+    return terms_x.unflatten(-2, (-1, terms)).sum(-2)
 
 
 class Linear:
     """y = x @ W^T. FP8 weights with their tile scales go to runtime.fp8's kernels (bf16 out); bf16 weights are
     upcast per call on the CPU (float32 math) and used as they are on the GPU (bf16 out). `fake_quant`: round x and
     y as the FP8 kernels do (x to e4m3 per 128 group, y to bf16); set on FP8 layers by Transformer(emulate_fp8=True)
-    to compare the FP8 path's numerics with the kernels'."""
+    to compare the FP8 path's numerics with the kernels'. `terms`: x in 1 or 2 e4m3 terms (runtime.fp8)."""
 
     fake_quant = False
 
-    def __init__(self, w: torch.Tensor, scale: torch.Tensor | None = None, split: list[int] | None = None):
-        self.w, self.scale, self.split = w, scale, split
+    def __init__(self, w: torch.Tensor, scale: torch.Tensor | None = None, split: list[int] | None = None,
+                 terms: int = 2):
+        self.w, self.scale, self.split, self.terms = w, scale, split, terms
 
     def __call__(self, x: torch.Tensor):
         if self.fake_quant:
-            x = fake_act_quant(x)
+            x = fake_act_quant(x, self.terms)
         if self.scale is not None:
             from runtime.fp8 import fp8_linear
-            y = fp8_linear(x, self.w, self.scale)
+            y = fp8_linear(x, self.w, self.scale, self.terms)
         elif x.is_cuda:
             y = F.linear(x.to(self.w.dtype), self.w)
         else:
@@ -126,12 +136,12 @@ class Linear:
 
 
 class Weights:
-    """Tensors from the folder as torch on `device`. FP8 linears: kept FP8 where `fp8` (GPU kernels), else
-    dequantized per 128x128 tile to bf16 once at load. The rest as stored."""
+    """Tensors from the folder as torch on `device`. FP8 linears: kept FP8 where `fp8` (GPU kernels, activations
+    in `act_terms` e4m3 terms), else dequantized per 128x128 tile to bf16 once at load. The rest as stored."""
 
     def __init__(self, folder: Folder, device: torch.device = torch.device("cpu"), fp8: bool = False,
-                 emulate_fp8: bool = False):
-        self.f, self.device, self.fp8, self.emulate_fp8 = folder, device, fp8, emulate_fp8
+                 emulate_fp8: bool = False, act_terms: int = 2):
+        self.f, self.device, self.fp8, self.emulate_fp8, self.act_terms = folder, device, fp8, emulate_fp8, act_terms
 
     def linear(self, *names: str) -> Linear:
         """One Linear; several names sharing an input are fused along N (outputs come back split)."""
@@ -140,8 +150,10 @@ class Weights:
         if self.fp8 and all(is_fp8) and all(r % 128 == 0 for r in rows[:-1]):   # scale tiles line up when fused
             w = torch.cat([torch.from_numpy(np.array(self.f.raw(n))) for n in names]).view(torch.float8_e4m3fn)
             s = torch.cat([torch.from_numpy(np.array(self.f.raw(n + "_scale_inv"))) for n in names])
-            return Linear(w.to(self.device), s.float().to(self.device), rows if len(names) > 1 else None)
-        lin = Linear(torch.cat([self.bf16(n) for n in names]), None, rows if len(names) > 1 else None)
+            return Linear(w.to(self.device), s.float().to(self.device), rows if len(names) > 1 else None,
+                          self.act_terms)
+        lin = Linear(torch.cat([self.bf16(n) for n in names]), None, rows if len(names) > 1 else None,
+                     self.act_terms)
         lin.fake_quant = self.emulate_fp8 and all(is_fp8)
         return lin
 
@@ -272,12 +284,14 @@ class Block:
 
 class Transformer:
     def __init__(self, folder: Folder, max_len: int = 4096, threads: int | None = None,
-                 device: str | torch.device = "cpu", fp8: bool = False, emulate_fp8: bool = False):
-        """`fp8`: FP8 linears stay FP8 and run on runtime.fp8's kernels; else they are dequantized to bf16 at load,
+                 device: str | torch.device = "cpu", fp8: bool = False, emulate_fp8: bool = False,
+                 act_terms: int = 2):
+        """`fp8`: FP8 linears stay FP8 and run on runtime.fp8's kernels, their inputs quantized to `act_terms` e4m3
+        terms (1: DeepSeek's scheme; 2: also the remainder, ~7 bits); else they are dequantized to bf16 at load,
         and `emulate_fp8` rounds their inputs as the kernels would (the FP8 path's numerics, without the kernels)."""
         self.a = a = Args.from_config(folder.config)
         self.device = torch.device(device)
-        w = Weights(folder, self.device, fp8, emulate_fp8)
+        w = Weights(folder, self.device, fp8, emulate_fp8, act_terms)
         self.max_len = max_len
         self.embed = w.plain("token_embd.weight")
         self.norm, self.head = w.plain("output_norm.weight"), w.linear("output.weight")

@@ -1,10 +1,10 @@
 """The runtime's GPU path on the fixture (needs a CUDA GPU; skipped without one; run on the device machine).
 
-FP8 activations are the GPU path's numerics (DeepSeek's scheme: every FP8 linear quantizes its input per 128 group to
-e4m3). On this random fixture, whose attention is unusually peaked (score std 9-35, mean max probability 0.86-0.97),
-that rounding alone moves the logits by a mean KL of ~0.017-0.02 against float activations, measured on the CPU
-(Transformer(emulate_fp8=True): torch's own cast, no kernels). So the GPU path is held to: the CPU path's own bars
-with FP8 kernels off (bf16 weights, the <sm89 fallback), and, with FP8 on, the CPU path with FP8 rounding emulated.
+FP8 activations are the GPU path's numerics: every FP8 linear quantizes its input per 128 group to e4m3, by default
+in two terms (x, then what x lost; runtime/fp8.py). With two terms the GPU path is held to the CPU path's own bars.
+With one term (DeepSeek's scheme) this random fixture's unusually peaked attention moves the logits past them (KL
+~1.7e-2, measured on the CPU with torch's own cast: tests/test_runtime.py), so that path is held to the CPU path with
+the same rounding emulated. bf16 weights (the <sm89 fallback) are held to the CPU path's bars too.
 """
 import os
 from pathlib import Path
@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 import runtime  # noqa: E402
 import runtime.api as api  # noqa: E402
 from runtime.model import Transformer  # noqa: E402
-from test_runtime import KL_BOUND, PROSE, TOP1_BOUND, kl_top1, pipeline  # noqa: E402
+from test_runtime import KL_BOUND, N_REF, PROSE, TOP1_BOUND, kl_top1, pipeline  # noqa: E402
 
 FP8 = torch.cuda.get_device_capability() >= (8, 9)
 
@@ -35,7 +35,7 @@ def merged(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ids_and_cpu(merged):
     cpu = runtime.load(merged, max_len=1024, device="cpu")
-    ids = api.encode(cpu, PROSE.read_text())[:256]
+    ids = api.encode(cpu, PROSE.read_text())[:N_REF]          # as the CPU path's bars are measured
     return ids, api.logits(cpu, ids), cpu.folder
 
 
@@ -54,18 +54,22 @@ def test_bf16_weights_on_the_gpu_pass_the_cpu_bars(ids_and_cpu):
 
 
 @pytest.mark.skipif(not FP8, reason="no FP8 tensor cores")
-def test_fp8_kernels_match_the_emulated_fp8_cpu_path(ids_and_cpu):
+@pytest.mark.parametrize("terms", [2, 1])
+def test_fp8_kernels_match_the_emulated_fp8_cpu_path(ids_and_cpu, terms):
     ids, ref, folder = ids_and_cpu
-    emulated = Transformer(folder, max_len=1024, emulate_fp8=True).forward(torch.tensor(ids))
-    out = Transformer(folder, max_len=1024, device="cuda", fp8=True).forward(torch.tensor(ids))
-    kl_fp8, top1_fp8 = kl_top1(ref, emulated)
+    emulated = Transformer(folder, max_len=1024, emulate_fp8=True, act_terms=terms).forward(torch.tensor(ids))
+    out = Transformer(folder, max_len=1024, device="cuda", fp8=True, act_terms=terms).forward(torch.tensor(ids))
+    kl_emu, _ = kl_top1(ref, emulated)
     kl, top1 = kl_top1(emulated, out)
-    kl_cpu, _ = kl_top1(ref, out)
-    print(f"\nCPU FP8-emulated vs CPU: KL {kl_fp8.mean():.2e}; GPU FP8 vs CPU FP8-emulated: KL {kl.mean():.2e}, "
-          f"top-1 {top1:.4f}; GPU FP8 vs CPU: KL {kl_cpu.mean():.2e}")
+    kl_cpu, top1_cpu = kl_top1(ref, out)
+    print(f"\nterms={terms}: CPU FP8-emulated vs CPU: KL {kl_emu.mean():.2e}; GPU FP8 vs CPU FP8-emulated: KL "
+          f"{kl.mean():.2e}, top-1 {top1:.4f}; GPU FP8 vs CPU: KL {kl_cpu.mean():.2e}, top-1 {top1_cpu:.4f}")
     assert torch.isfinite(out).all()
-    assert kl.mean() <= kl_fp8.mean(), "the kernels differ from emulated FP8 more than FP8 differs from float"
-    assert kl_cpu.mean() <= 2 * kl_fp8.mean() + KL_BOUND
+    assert kl.mean() <= max(kl_emu.mean(), KL_BOUND), "the kernels differ from emulated FP8 more than FP8 from float"
+    if terms == 2:                                          # the default: the CPU path's own bars
+        assert kl_cpu.mean() <= KL_BOUND and top1_cpu >= TOP1_BOUND
+    else:
+        assert kl_cpu.mean() <= 2 * kl_emu.mean() + KL_BOUND
 
 
 @pytest.mark.parametrize("fp8", [False, True] if FP8 else [False])
@@ -78,8 +82,8 @@ def test_graph_decode_equals_a_full_pass(ids_and_cpu, fp8):
                                                           for i, t in enumerate(ids[200:], 200)]
     kl, top1 = kl_top1(full, torch.cat(parts))
     print(f"\nfp8={fp8}: graph decode vs full pass: max KL {kl.max():.2e}, mean {kl.mean():.2e}, top-1 {top1:.4f}")
-    # bf16: the same arithmetic but for matmul shapes; FP8: an activation one e4m3 step apart flips now and then
-    assert kl.mean() <= (5e-3 if fp8 else 1e-4)
+    # bf16: the same arithmetic but for matmul shapes; FP8 (two terms): now and then an activation's last bit flips
+    assert kl.mean() <= (1e-3 if fp8 else 1e-4)
 
 
 def test_old_gpus_get_bf16_weights_and_a_note(merged, monkeypatch, capsys):

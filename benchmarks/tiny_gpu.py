@@ -69,13 +69,13 @@ def main():
     ids = api.encode(cpu, text * 4)[:args.prefill]
 
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    ref = api.logits(cpu, ids[:256])
-    out = api.logits(gpu, ids[:256])
-    emu = Transformer(cpu.folder, max_len=1024, emulate_fp8=True).forward(torch.tensor(ids[:256]))
-    out1 = Transformer(gpu.folder, max_len=1024, device="cuda", fp8=True, act_terms=1).forward(torch.tensor(ids[:256]))
-    emu1 = Transformer(cpu.folder, max_len=1024, emulate_fp8=True, act_terms=1).forward(torch.tensor(ids[:256]))
+    ref = api.logits(cpu, ids[:512])
+    out = api.logits(gpu, ids[:512])
+    emu = Transformer(cpu.folder, max_len=1024, emulate_fp8=True).forward(torch.tensor(ids[:512]))
+    out1 = Transformer(gpu.folder, max_len=1024, device="cuda", fp8=True, act_terms=1).forward(torch.tensor(ids[:512]))
+    emu1 = Transformer(cpu.folder, max_len=1024, emulate_fp8=True, act_terms=1).forward(torch.tensor(ids[:512]))
     bf_net = Transformer(gpu.folder, max_len=1024, device="cuda", fp8=False)
-    bf = bf_net.forward(torch.tensor(ids[:256]))
+    bf = bf_net.forward(torch.tensor(ids[:512]))
     res["gpu_fp8_vs_cpu"] = kl_top1(ref, out)
     res["cpu_fp8_emulated_vs_cpu"] = kl_top1(ref, emu)
     res["gpu_fp8_vs_cpu_fp8_emulated"] = kl_top1(emu, out)
@@ -88,8 +88,8 @@ def main():
         parts = [net.forward(torch.tensor(ids[:200]), 0)]
         parts += [net.forward(torch.tensor([ids[i]]), i) for i in range(200, 256)]
         return torch.cat(parts)
-    res["graph_decode_vs_full_pass_fp8"] = kl_top1(out, incremental(gpu.net))
-    res["graph_decode_vs_full_pass_bf16"] = kl_top1(bf, incremental(bf_net))
+    res["graph_decode_vs_full_pass_fp8"] = kl_top1(out[:256], incremental(gpu.net))
+    res["graph_decode_vs_full_pass_bf16"] = kl_top1(bf[:256], incremental(bf_net))
     del bf_net
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -26,7 +26,7 @@ does not round casts correctly.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -189,6 +189,8 @@ def config_for(M: int, N: int, K: int) -> Config:
     c = _load_table().get(f"{N}x{K}", {}).get(str(m_bucket(M)))
     if c is not None:
         cfg = Config(**{k: v for k, v in c.items() if k in Config.__dataclass_fields__})
+        if M <= 64 and cfg.BM < M:     # few rows: one tile covers them all, or the weights stream twice
+            cfg = replace(cfg, BM=1 << (M - 1).bit_length())
         if cfg.fits(M, N, K):
             return cfg
     return default_config(M, N, K)

@@ -76,6 +76,7 @@ def test_fp8_kernels_match_the_emulated_fp8_cpu_path(ids_and_cpu, terms):
 def test_graph_decode_equals_a_full_pass(ids_and_cpu, fp8):
     """Prefill, then one token at a time through the CUDA graphs, against one pass over all the tokens."""
     ids, _, folder = ids_and_cpu
+    ids = ids[:256]
     net = Transformer(folder, max_len=1024, device="cuda", fp8=fp8)
     full = net.forward(torch.tensor(ids))
     parts = [net.forward(torch.tensor(ids[:200]), 0)] + [net.forward(torch.tensor([t]), i)

@@ -8,11 +8,12 @@ Timing: each measured call is captured R times into one CUDA graph, the R calls 
 weights to exceed 3x the L2 cache (decode streams weights from HBM, as in the model, where every layer has its own);
 the graph is replayed 15 times (CUDA events) and the median replay / R is the time per call. Inputs are fresh random
 data, never zeros.
-Columns: ours = the whole linear from bf16 x as the runtime runs it (act_quant launch + GEMM), with activations in two
-e4m3 terms (the runtime's default) and in one (DeepSeek's scheme); gemm = our GEMM alone on pre-quantized x, one
-term, the like-for-like match for _scaled_mm, which also takes one-term quantized x. Ratios are time(baseline) / time(ours). TFLOP/s and GB/s (weights + x + y bytes) of ours against
-ceilings measured in the same run: an 8192^3 bf16 matmul, an 8192^3 per-tensor fp8 _scaled_mm, a 2 GiB device copy
-(bytes read + written).
+Columns: ours = the whole linear from bf16 x as the runtime runs it (act_quant launch + GEMM), with activations in
+two e4m3 terms (the runtime's default) and in one (DeepSeek's scheme); gemm = our GEMM alone on pre-quantized x, one
+term, the like-for-like match for _scaled_mm, which also takes one-term quantized x. Ratios are time(baseline) /
+time(ours). TFLOP/s (of one term) and GB/s (weights + x + y bytes, of two) of ours against ceilings measured in
+the same run: an 8192^3 bf16 matmul, an 8192^3 per-tensor fp8 _scaled_mm, a 2 GiB device copy (bytes read +
+written).
 --tune: first sweep launch configs per shape and bucket of quantized-x rows (same harness; one row = one-term M=1,
 two rows and up = two-term tokens, the default), write the winners to the given file (the table runtime.fp8 ships),
 then benchmark with it. Buckets not measured take the nearest measured one's winner.
@@ -226,8 +227,8 @@ def main():
         vs = f"{r['scaled_mm_us'] / r['gemm_us']:8.2f}" if r["scaled_mm_us"] else f"{'':>8s}"
         print(f"{r['shape']:15s} {r['N']:>5d}x{r['K']:<6d} {r['M']:5d} {r['ours_us']:8.1f} {r['ours1_us']:8.1f} "
               f"{r['gemm_us']:8.1f} {r['bf16_us']:8.1f} {smm} {r['bf16_us'] / r['ours_us']:6.2f} "
-              f"{r['bf16_us'] / r['ours1_us']:8.2f} {vs} {r['tflops']:8.1f} {100 * r['tflops'] / ceil['fp8_tflops']:5.1f}"
-              f" {r['gbs']:6.0f} {100 * r['gbs'] / ceil['copy_gbs']:5.1f}")
+              f"{r['bf16_us'] / r['ours1_us']:8.2f} {vs} {r['tflops']:8.1f} "
+              f"{100 * r['tflops'] / ceil['fp8_tflops']:5.1f} {r['gbs']:6.0f} {100 * r['gbs'] / ceil['copy_gbs']:5.1f}")
     print("\nsummed over the shapes (time of baseline / time of ours):")
     summary = {}
     for M in ms:

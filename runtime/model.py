@@ -193,8 +193,9 @@ class MLA:
         self.pe_cache = torch.zeros(max_len, a.rope, dtype=self.dt, device=w.device)
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, end: int | None, freqs: torch.Tensor) -> torch.Tensor:
-        """Tokens at positions `pos` (T,). `end` = last position + 1 attends over cache[:end] with a causal mask;
-        None attends over the whole cache, masking positions after each token's own (CUDA graphs: no sizes)."""
+        """Tokens at positions `pos` (T,) attend over cache[:end] (None: the whole cache), masking the positions after
+        each token's own: a prefill passes its last position + 1, a decode graph its span (decode_span), which
+        covers every position up to it without changing sizes."""
         a, T = self.a, x.shape[0]
         q_a, kv = self.wqkv_a(x)
         q = self.wq_b(rms_norm(q_a, self.q_norm, a.eps)).view(T, a.n_heads, -1)
@@ -311,7 +312,7 @@ class Transformer:
             raise ValueError(f"context of {start + T} tokens exceeds the {self.max_len} this model was set up for")
         if T == 1 and self.device.type == "cuda":
             if self.graphs is None:
-                self.graphs = GraphedDecode(self, int(tokens[0]), start)
+                self.graphs = GraphedDecode(self)
             return self.graphs(int(tokens[0]), start).cpu()
         tokens = tokens.to(self.device)
         pos = torch.arange(start, start + T, device=self.device)
@@ -322,31 +323,42 @@ class Transformer:
         return self.logits(x).cpu()
 
 
+def decode_span(pos: int, max_len: int) -> int:
+    """Cache positions a decode step at `pos` attends over (masked past pos): the next power of two above pos, at
+    least 256, so that a step's attention costs what the context needs (within 2x), and a context of max_len
+    tokens needs at most log2(max_len / 256) + 1 sets of decode graphs."""
+    return min(max_len, max(256, 1 << pos.bit_length()))
+
+
 class GraphedDecode:
     """One decode step as CUDA graphs, replayed: a graph per stretch of GPU work between two layers' routed experts
     (which run on the CPU), plus one per shared expert, launched before the CPU starts so that the two overlap.
-    Attention runs over the whole cache with a mask (no sizes change between steps); token and position are
-    device tensors the graphs read. Captured on first use, at the position that step is about to write anyway."""
+    Attention runs over the first decode_span(pos) cache positions with a mask, so a set of graphs serves every
+    position up to its span; token and position are device tensors the graphs read. Each span's set is captured
+    on first use, at the position that step is about to write anyway, in its own memory pool."""
 
-    def __init__(self, net: Transformer, token: int, start: int):
+    def __init__(self, net: Transformer):
         self.net, dev = net, net.device
-        self.token = torch.full((1,), token, dtype=torch.long, device=dev)
-        self.pos = torch.full((1,), start, dtype=torch.long, device=dev)
-        self.pool = torch.cuda.graph_pool_handle()
-        self.steps: list = []                     # graphs, and (moe, shared graph, h, ids, weights, routed)
+        self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.sets: dict[int, tuple[list, torch.Tensor]] = {}     # span -> (steps, logits)
+
+    def _capture_set(self, span: int) -> tuple[list, torch.Tensor]:
+        net, pool = self.net, torch.cuda.graph_pool_handle()
+        steps: list = []                          # graphs, and (moe, shared graph, h, ids, weights, routed)
         carry: tuple = ()
         for layer in net.layers:
             if isinstance(layer.ffn, MoE):
-                x, h, ids, weights = self._capture(lambda c=carry, l=layer: l.before_experts(
-                    self._resume(c), self.pos, None, net.freqs[self.pos]))
-                shared_graph, shared = self._graph(lambda l=layer, h=h: l.ffn.shared(h))
+                x, h, ids, weights = self._capture(steps, pool, lambda c=carry, l=layer: l.before_experts(
+                    self._resume(c), self.pos, span, net.freqs[self.pos]))
+                shared_graph, shared = self._graph(pool, lambda l=layer, h=h: l.ffn.shared(h))
                 routed = torch.zeros_like(x)
-                self.steps.append((layer.ffn, shared_graph, h, ids, weights, routed))
+                steps.append((layer.ffn, shared_graph, h, ids, weights, routed))
                 carry = (x, shared, routed)
             else:
-                carry = (self._capture(lambda c=carry, l=layer: l(self._resume(c), self.pos, None,
-                                                                    net.freqs[self.pos])),)
-        self.out = self._capture(lambda c=carry: net.logits(self._resume(c)))
+                carry = (self._capture(steps, pool, lambda c=carry, l=layer: l(self._resume(c), self.pos, span,
+                                                                                 net.freqs[self.pos])),)
+        return steps, self._capture(steps, pool, lambda c=carry: net.logits(self._resume(c)))
 
     def _resume(self, carry: tuple) -> torch.Tensor:
         """The residual stream where the last graph left it."""
@@ -357,30 +369,35 @@ class GraphedDecode:
         x, shared, routed = carry
         return x + shared.float() + routed
 
-    def _graph(self, fn):
+    @staticmethod
+    def _graph(pool, fn):
         side = torch.cuda.Stream()                # warm up (Triton compiles, allocators settle) off the capture
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             fn()
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
+        with torch.cuda.graph(g, pool=pool):
             out = fn()
         return g, out
 
-    def _capture(self, fn):
-        g, out = self._graph(fn)
-        self.steps.append(g)
+    def _capture(self, steps: list, pool, fn):
+        g, out = self._graph(pool, fn)
+        steps.append(g)
         return out
 
     @torch.inference_mode()
     def __call__(self, token: int, start: int) -> torch.Tensor:
         self.token.fill_(token)
         self.pos.fill_(start)
-        for step in self.steps:
+        span = decode_span(start, self.net.max_len)
+        if span not in self.sets:
+            self.sets[span] = self._capture_set(span)
+        steps, logits = self.sets[span]
+        for step in steps:
             if isinstance(step, torch.cuda.CUDAGraph):
                 step.replay()
                 continue
             moe, shared_graph, h, ids, weights, routed = step
             routed.copy_(moe.experts_on_cpu(h, ids, weights, shared_graph.replay)[0])
-        return self.out
+        return logits

@@ -74,17 +74,24 @@ def test_fp8_kernels_match_the_emulated_fp8_cpu_path(ids_and_cpu, terms):
 
 @pytest.mark.parametrize("fp8", [False, True] if FP8 else [False])
 def test_graph_decode_equals_a_full_pass(ids_and_cpu, fp8):
-    """Prefill, then one token at a time through the CUDA graphs, against one pass over all the tokens."""
+    """Prefill, then one token at a time through the CUDA graphs (positions 200-299: two attention spans, 256 and
+    512), against one pass over all the tokens; then the first span's graphs again."""
     ids, _, folder = ids_and_cpu
-    ids = ids[:256]
+    ids = ids[:300]
     net = Transformer(folder, max_len=1024, device="cuda", fp8=fp8)
     full = net.forward(torch.tensor(ids))
     parts = [net.forward(torch.tensor(ids[:200]), 0)] + [net.forward(torch.tensor([t]), i)
                                                           for i, t in enumerate(ids[200:], 200)]
+    assert sorted(net.graphs.sets) == [256, 512]
     kl, top1 = kl_top1(full, torch.cat(parts))
     print(f"\nfp8={fp8}: graph decode vs full pass: max KL {kl.max():.2e}, mean {kl.mean():.2e}, top-1 {top1:.4f}")
-    # bf16: the same arithmetic but for matmul shapes; FP8 (two terms): now and then an activation's last bit flips
-    assert kl.mean() <= (1e-3 if fp8 else 1e-4)
+    # the same arithmetic but for matmul shapes: one row sums in another order and rounds its outputs to bf16 (and,
+    # with FP8, now and then an activation's last bit flips), and each decoded token's cache entries carry that on:
+    # the mean over 300 tokens measured 3.0e-4 (bf16 weights) on the H200
+    assert kl.mean() <= 1e-3
+    net.forward(torch.tensor(ids[:200]), 0)                  # the same conversation again: span 256's graphs,
+    again = net.forward(torch.tensor([ids[200]]), 200)       # replayed after span 512's, give the same logits
+    assert kl_top1(parts[1], again)[0].item() <= 1e-6, (parts[1] - again).abs().max()
 
 
 def test_old_gpus_get_bf16_weights_and_a_note(merged, monkeypatch, capsys):

@@ -6,14 +6,16 @@ one memory-mapped file of random valid weights) and run by runtime.model.Transfo
 
     python benchmarks/layer.py [--experts 256] [--threads N] [--prefill 512] [--steps 30]
 
-Decode (one token, CUDA graphs, as the runtime decodes), per MoE layer:
-  GPU   = the layer's graphs alone (attention + router, then the shared expert), replayed back to back;
+Decode (one token at position 512, CUDA graphs, as the runtime decodes), per MoE layer:
+  GPU   = the layer's graphs alone (attention + router over the position's span, then the shared expert), replayed
+          back to back; attention + router also over the whole 4096-token cache and with one activation term;
   CPU   = the routed experts alone on the same routed inputs (ggml, all threads);
   step  = the runtime's decode of the MoE layer: attention graph, copies to the host, shared-expert graph launched,
           CPU experts, copy back; measured with the shared expert launched first (overlap, the runtime's order)
           and after the CPU (serial), alternating, medians;
-  overlap = serial - overlapped.
-Prefill: 512 tokens through both layers (eager GPU path, experts in 256-token chunks), tokens/s.
+  overlap = the median of (serial - overlapped) over the alternating pairs.
+Prefill: 512 tokens through both layers (eager GPU path, experts in 256-token chunks), tokens/s, with two activation
+terms (the default) and one.
 Projection for DeepSeek-V3 (3 dense + 58 MoE layers + lm_head 129280 x 7168 bf16, whose GEMV is timed here):
   decode step = 3 x dense layer (GPU graph) + 58 x MoE step + lm_head, tokens/s = 1 / that.
 Bound: the routed experts' bytes per token (8 experts x 3 matrices x 58 layers) over the CPU memory-read bandwidth

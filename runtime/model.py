@@ -326,7 +326,7 @@ class Transformer:
 def decode_span(pos: int, max_len: int) -> int:
     """Cache positions a decode step at `pos` attends over (masked past pos): the next power of two above pos, at
     least 256, so that a step's attention costs what the context needs (within 2x), and a context of max_len
-    tokens needs at most log2(max_len / 256) + 1 sets of decode graphs."""
+    tokens needs at most ceil(log2(max_len / 256)) + 1 sets of decode graphs."""
     return min(max_len, max(256, 1 << pos.bit_length()))
 
 

@@ -31,7 +31,7 @@ from runtime.api import encode  # noqa: E402
 from runtime.chat import Chat, TextStream  # noqa: E402
 from runtime.load import ModelError, bf16, fp8_dequant  # noqa: E402
 from runtime.load import load as open_folder  # noqa: E402
-from runtime.model import MoE, Transformer  # noqa: E402
+from runtime.model import MoE, Transformer, decode_span  # noqa: E402
 
 PROSE = ROOT / "tests" / "data" / "prose.txt"
 N_REF = 512            # tokens compared with the reference (>= 256)
@@ -244,6 +244,20 @@ def test_fp8_activations_against_the_cpu_bars(model, prose_ids, runtime_logits, 
     print(f"\nFP8 activations in {terms} term(s), emulated, vs the CPU path: mean KL {kl.mean():.2e}, top-1 {top1:.4f}")
     within = kl.mean() <= KL_BOUND and top1 >= TOP1_BOUND
     assert within == (terms == 2)
+
+
+def test_decode_spans_cover_the_position_within_twice_its_need():
+    """The GPU decode graphs attend over decode_span(pos) cache positions (tests/test_gpu.py runs them): every span
+    holds the position, fits the cache, reads at most twice what the position needs (256 at least), and a cache of
+    max_len tokens needs few sets of graphs."""
+    for max_len in (64, 1000, 4096):
+        spans = set()
+        for pos in range(max_len):
+            span = decode_span(pos, max_len)
+            assert pos < span <= max_len and span <= max(256, 2 * (pos + 1)), (pos, max_len, span)
+            spans.add(span)
+        assert len(spans) <= (-(-max_len // 256) - 1).bit_length() + 1, (max_len, sorted(spans))   # log2 + 1
+    assert {decode_span(p, 4096) for p in range(4096)} == {256, 512, 1024, 2048, 4096}
 
 
 # ------------------------------------------------------------------------------------- cache vs one full pass

@@ -147,11 +147,10 @@ def ceilings() -> dict:
 def candidates(M: int, N: int, K: int) -> list[fp8.Config]:
     out = []
     if M <= 64:
-        for BM in sorted({16 if M <= 16 else 32 if M <= 32 else 64, 16 if M > 16 else 16}):
-            for BN in (32, 64, 128):
-                for split in (1, 2, 4, 8, 16):
-                    for stages in (3, 5, 7):
-                        out.append(fp8.Config(BM, BN, split, 4, stages, 1))
+        for BN in (32, 64, 128):                  # one M tile for all rows, as runtime.fp8.config_for runs them
+            for split in (1, 2, 4, 8, 16):
+                for stages in (3, 5, 7):
+                    out.append(fp8.Config(fp8.rows_tile(M), BN, split, 4, stages, 1))
     else:
         for BM, BN, warps, stages in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (128, 128, 4, 4),
                                       (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)):

@@ -164,10 +164,16 @@ def m_bucket(M: int) -> int:
     return min(1 << max(M - 1, 0).bit_length(), 4096)
 
 
+def rows_tile(M: int) -> int:
+    """The M tile for few rows (<= 64): one tile covers them all, or the weights stream once per tile; 16 at least
+    (the smallest tensor-core tile)."""
+    return max(16, 1 << (M - 1).bit_length())
+
+
 def default_config(M: int, N: int, K: int, sms: int = 132) -> Config:
     """For shapes the table lacks: split K until about two programs per SM stream the weight."""
     if M <= 64:
-        BM = 16 if M <= 16 else 32 if M <= 32 else 64
+        BM = rows_tile(M)
         BN = 64
         tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
         split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, GROUP) // 2, 16))
@@ -189,8 +195,8 @@ def config_for(M: int, N: int, K: int) -> Config:
     c = _load_table().get(f"{N}x{K}", {}).get(str(m_bucket(M)))
     if c is not None:
         cfg = Config(**{k: v for k, v in c.items() if k in Config.__dataclass_fields__})
-        if M <= 64 and cfg.BM < M:     # few rows: one tile covers them all, or the weights stream twice
-            cfg = replace(cfg, BM=1 << (M - 1).bit_length())
+        if M <= 64 and cfg.BM < M:     # a bucket's config may come from fewer rows
+            cfg = replace(cfg, BM=rows_tile(M))
         if cfg.fits(M, N, K):
             return cfg
     return default_config(M, N, K)

@@ -146,14 +146,13 @@ class Weights:
     def linear(self, *names: str) -> Linear:
         """One Linear; several names sharing an input are fused along N (outputs come back split)."""
         rows = [self.f.tensors[n].shape[0] for n in names]
+        split = rows if len(names) > 1 else None
         is_fp8 = [self.f.tensors[n].dtype == "F8_E4M3" for n in names]
         if self.fp8 and all(is_fp8) and all(r % 128 == 0 for r in rows[:-1]):   # scale tiles line up when fused
             w = torch.cat([torch.from_numpy(np.array(self.f.raw(n))) for n in names]).view(torch.float8_e4m3fn)
             s = torch.cat([torch.from_numpy(np.array(self.f.raw(n + "_scale_inv"))) for n in names])
-            return Linear(w.to(self.device), s.float().to(self.device), rows if len(names) > 1 else None,
-                          self.act_terms)
-        lin = Linear(torch.cat([self.bf16(n) for n in names]), None, rows if len(names) > 1 else None,
-                     self.act_terms)
+            return Linear(w.to(self.device), s.float().to(self.device), split, self.act_terms)
+        lin = Linear(torch.cat([self.bf16(n) for n in names]), None, split, self.act_terms)
         lin.fake_quant = self.emulate_fp8 and all(is_fp8)
         return lin
 

@@ -11,7 +11,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from .errors import PipelineError
 
 ST_DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,

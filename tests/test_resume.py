@@ -1,4 +1,4 @@
-"""Resumability: skip what is done, redo what is stale, survive SIGKILL, lock the output, fail cleanly on a full disk."""
+"""Resumability: skip what is done, redo what is stale, survive SIGKILL, lock the output, fail cleanly on full disk."""
 import json
 import os
 import shutil
@@ -10,6 +10,18 @@ from pathlib import Path
 import pytest
 
 from helpers import FIXTURE, final_files, pipeline, spawn, status, write_manifest
+
+
+def shard_being_written(out: Path) -> bool:
+    """A merged shard's partial with bytes in it. Stage records pass through .pipeline/tmp too, so a bare
+    *.partial there can be fetch's or reconcile's JSON, written before the write stage has begun."""
+    for p in (out / ".pipeline" / "tmp").glob("model-*.partial"):
+        try:
+            if p.stat().st_size > 0:
+                return True
+        except FileNotFoundError:                  # renamed to its final name between the glob and the stat
+            pass
+    return False
 
 
 def wait_for(cond, timeout=60.0, what="condition"):
@@ -84,7 +96,7 @@ def test_sigkill_mid_write_then_resume_is_byte_identical(tmp_path):
     records = out / ".pipeline" / "write"
     wait_for(lambda: records.is_dir() and len(list(records.glob("*.json"))) >= 2, what="two finished shards")
     tmp = out / ".pipeline" / "tmp"
-    wait_for(lambda: any(p.stat().st_size > 0 for p in tmp.glob("*.partial")), what="a shard being written")
+    wait_for(lambda: shard_being_written(out), what="a shard being written")
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
 
@@ -105,7 +117,7 @@ def test_sigkill_mid_write_then_resume_is_byte_identical(tmp_path):
 def test_lock_blocks_a_second_run_but_not_after_the_holder_dies(tmp_path):
     m, out = write_manifest(tmp_path / "m.yaml"), tmp_path / "out"
     child = spawn("run", "--manifest", m, "--out", out, "--bwlimit", "1")
-    wait_for(lambda: any((out / ".pipeline" / "tmp").glob("*.partial")), what="the first run to write")
+    wait_for(lambda: shard_being_written(out), what="the first run to write")
     second = pipeline("run", "--manifest", m, "--out", out, check=False)
     assert second.returncode == 2
     assert "another run is using this output folder" in second.stderr and f"pid {child.pid}" in second.stderr
@@ -143,7 +155,7 @@ def test_disk_filling_up_mid_write_fails_cleanly_and_resumes(tmp_path, small_dis
     disk = small_disk(32 * 1024)
     m, out = write_manifest(tmp_path / "m.yaml"), disk / "out"
     child = spawn("run", "--manifest", m, "--out", out, "--bwlimit", "2")
-    wait_for(lambda: any((out / ".pipeline" / "tmp").glob("*.partial")), what="the write to start")
+    wait_for(lambda: shard_being_written(out), what="the write stage to start")
     filler = disk / "filler"
     with open(filler, "wb") as f:                        # another program takes all the space left
         try:

@@ -17,6 +17,8 @@ keyed by the rows of quantized x (terms x tokens):
   output tile to finish sums the partials in a fixed order (deterministic) and writes bf16.
 - large M (prefill): `act_quant` once, then a plain tiled GEMM, grouped along M for L2 reuse; STEP 2 issues two
   128-K products per iteration before their scaled adds.
+On Hopper (sm_90), prefill-sized calls (`use_hopper_kernel`) go to fp8_hopper instead: a warp-specialized Gluon
+kernel that keeps the tensor cores busy during the scaled adds (1.24-1.46x this file's GEMM at 512-4096 tokens).
 Measurements and the goals they meet or miss: BENCHMARKS.md.
 
 Rounding to e4m3 is done by hand (`_round_e4m3`: ties to even, saturating), so the final cast is exact. The GPU's own
@@ -26,12 +28,18 @@ does not round casts correctly.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+try:                             # Gluon's Hopper API is experimental: without it, every M runs the Triton kernel
+    from runtime import fp8_hopper
+except (ImportError, AttributeError):
+    fp8_hopper = None
 
 GROUP = 128                      # quantization group of x along K, and W's tile edge
 WORKSPACE_FLOATS = 8 << 20       # split-K partials, per device: 32 MiB
@@ -202,6 +210,35 @@ def config_for(M: int, N: int, K: int) -> Config:
     return default_config(M, N, K)
 
 
+def use_hopper_kernel(M: int, N: int, K: int, terms: int) -> bool:
+    """Whether fp8_hopper's prefill kernel beats the Triton one (measured on an H200, BENCHMARKS.md): it takes 128
+    tokens x 128 outputs per program, so it needs a full M tile and enough tiles to fill the GPU (under ~64 a few
+    programs stream all of K alone, where split-K is faster); and with one term it loses on a short K (kv_b, 512)."""
+    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+    return M >= 128 and tiles >= 64 and K % 16 == 0 and (terms == 2 or K >= 1024)
+
+
+_hopper_built: set = set()
+
+
+def _hopper_gemm(a, a_scale, w, w_scale, out, terms) -> bool:
+    """fp8_hopper.prefill_gemm; False if its first build fails. Gluon's API still changes between Triton releases (it
+    was written for 3.6), and a Triton that no longer builds it should cost speed, not the run."""
+    global fp8_hopper
+    if terms in _hopper_built:
+        fp8_hopper.prefill_gemm(a, a_scale, w, w_scale, out, terms)
+        return True
+    try:
+        fp8_hopper.prefill_gemm(a, a_scale, w, w_scale, out, terms)
+    except Exception as e:           # whatever the build raises: this Triton's Gluon is not the one it knows
+        warnings.warn(f"runtime.fp8: the Hopper prefill kernel does not build with Triton {triton.__version__} "
+                      f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); using the Triton kernel")
+        fp8_hopper = None
+        return False
+    _hopper_built.add(terms)
+    return True
+
+
 def _workspace(device: torch.device):
     """Split-K partials and tile counters, one set per device (counters return to 0 after every launch). Shared by
     every launch on the device: split-K GEMMs must not run on two streams of one device at once. Made on the first
@@ -235,12 +272,15 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: t
     MA, K = a.shape
     N, M = w.shape[0], MA // terms
     assert w.shape[1] == K and w.stride(1) == 1 and a.stride(1) == 1 and MA % terms == 0, (a.shape, w.shape)
-    cfg = cfg or config_for(MA, N, K)
     if out is None:
         out = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
     assert out.shape == (M, N) and out.dtype == torch.bfloat16 and out.stride(1) == 1
     if M == 0:
         return out
+    if (cfg is None and use_hopper_kernel(M, N, K, terms) and a.is_contiguous() and w.is_contiguous()
+            and fp8_hopper and fp8_hopper.supported(a.device) and _hopper_gemm(a, a_scale, w, w_scale, out, terms)):
+        return out
+    cfg = cfg or config_for(MA, N, K)
     part, locks = _workspace(a.device) if cfg.SPLIT > 1 else (out, out)
     n_groups = triton.cdiv(K, GROUP)
     split = max(d for d in range(1, cfg.SPLIT + 1) if n_groups % d == 0 and (n_groups // d) % cfg.STEP == 0)

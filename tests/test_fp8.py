@@ -9,6 +9,7 @@ conftest sets TRITON_INTERPRET). Two references, both float64 on dequantized ope
   term; with two terms (x's remainder quantized again) the bf16 output rounding dominates (~2-3e-3), bound 6e-3.
 Both for `terms` 1 and 2.
 Outputs are poisoned with NaN first, so an element the kernel never wrote fails.
+On an sm_90 GPU the Gluon prefill kernel (runtime/fp8_hopper.py) is held to the same two references.
 """
 import pytest
 import torch
@@ -28,6 +29,7 @@ ODD = [(576, 512), (200, 384), (130, 300), (256, 256)]       # N, K not multiple
 SHAPES = DEEPSEEK + ODD if GPU else ODD
 MS = [1, 3, 16, 128, 1000] if GPU else [1, 3, 16, 130]
 EXACT_BOUND, E4M3_BOUND = 6e-3, {1: 3.5e-2, 2: 6e-3}
+HOPPER = GPU and fp8.fp8_hopper is not None and fp8.fp8_hopper.supported(torch.device("cuda"))
 
 
 def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -84,6 +86,50 @@ def test_gemm_against_float64(N, K):
             assert e1 <= EXACT_BOUND, f"{M}x{N}x{K} {cfg} terms={terms}: {e1:.2e} vs exact-quantized reference"
             assert e2 <= E4M3_BOUND[terms], f"{M}x{N}x{K} {cfg} terms={terms}: {e2:.2e} vs unquantized x"
     print(f"\n{N}x{K}: " + ", ".join(f"M={m}x{t} {a:.1e}/{b:.1e}" for m, t, a, b in worst))
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon prefill kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("N,K", DEEPSEEK + [(576, 512), (200, 384), (256, 256)])
+def test_hopper_prefill_kernel_against_float64(N, K):
+    """Called directly, so every shape and M runs it, including those the dispatch would give the Triton kernel:
+    M=1 and 3 (one partial M tile), 130 (two), 1000 (more tiles than SMs for most N: the persistent loop)."""
+    gen = torch.Generator().manual_seed(N * 5 + K)
+    w, ws = random_weight(N, K, gen)
+    w64 = (w.double() * ws.double().repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]).cpu()
+    for M in [1, 3, 130, 1000]:
+        x = random_x(M, K, gen)
+        unquantized = x.cpu().double() @ w64.T
+        for terms in (1, 2):
+            exact = fp8.reference_linear(x.cpu(), w.cpu(), ws.cpu(), terms)
+            out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+            fp8.fp8_hopper.prefill_gemm(*fp8.act_quant(x, terms), w, ws, out, terms)
+            assert not out.isnan().any(), f"{M}x{N}x{K} terms={terms}: unwritten output"
+            assert rel(out.cpu(), exact) <= EXACT_BOUND, (M, N, K, terms)
+            assert rel(out.cpu(), unquantized) <= E4M3_BOUND[terms], (M, N, K, terms)
+
+
+def test_decode_sizes_never_take_the_prefill_kernel():
+    """The prefill kernel gives each program a 128-token tile and all of K: a decode step (few tokens) must keep
+    the split-K kernel, which spreads the weight stream over every SM; full prefill batches take it."""
+    for N, K in DEEPSEEK:
+        for terms in (1, 2):
+            assert not any(fp8.use_hopper_kernel(M, N, K, terms) for M in range(1, 128)), (N, K, terms)
+        assert fp8.use_hopper_kernel(4096, N, K, 2), (N, K)
+
+
+def test_a_prefill_kernel_that_does_not_build_falls_back_once(monkeypatch):
+    """A Triton whose Gluon API moved: the first call warns and reports False (fp8_gemm then runs the Triton kernel),
+    and the Hopper kernel is not tried again."""
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise TypeError("async_copy_global_to_shared() got an unexpected keyword argument")
+    monkeypatch.setattr(fp8, "fp8_hopper", type("Gluon", (), {"prefill_gemm": staticmethod(broken)}))
+    monkeypatch.setattr(fp8, "_hopper_built", set())
+    with pytest.warns(UserWarning, match="does not build with Triton"):
+        assert fp8._hopper_gemm(None, None, None, None, None, 2) is False
+    assert fp8.fp8_hopper is None and len(calls) == 1
 
 
 def test_every_split_and_tile_shape_agrees():

@@ -35,8 +35,7 @@ def ref64(q, s, w, ws, terms):
     """float64 product of the dequantized operands, terms summed."""
     MA, K = q.shape
     a = q.double() * s.double().repeat_interleave(128, 1)[:, :K]
-    wd = w.double() * ws.double().repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :K]
-    y = a @ wd.T
+    y = a @ fp8.dequantize_weight(w, ws).T
     return y.view(MA // terms, terms, -1).sum(1)
 
 

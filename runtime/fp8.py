@@ -225,12 +225,11 @@ def _hopper_gemm(a, a_scale, w, w_scale, out, terms) -> bool:
     """fp8_hopper.prefill_gemm; False if its first build fails. Gluon's API still changes between Triton releases (it
     was written for 3.6), and a Triton that no longer builds it should cost speed, not the run."""
     global fp8_hopper
-    if terms in _hopper_built:
-        fp8_hopper.prefill_gemm(a, a_scale, w, w_scale, out, terms)
-        return True
     try:
         fp8_hopper.prefill_gemm(a, a_scale, w, w_scale, out, terms)
-    except Exception as e:           # whatever the build raises: this Triton's Gluon is not the one it knows
+    except Exception as e:           # whatever the first build raises: this Triton's Gluon is not the one it knows
+        if terms in _hopper_built:
+            raise
         warnings.warn(f"runtime.fp8: the Hopper prefill kernel does not build with Triton {triton.__version__} "
                       f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); using the Triton kernel")
         fp8_hopper = None
@@ -300,11 +299,16 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, terms: i
     return y.view(*lead, w.shape[0])
 
 
+def dequantize_weight(w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 W (N, K) times its 128x128 tile scales, in float64 (for references)."""
+    ws = w_scale.double().repeat_interleave(GROUP, 0)[:w.shape[0]].repeat_interleave(GROUP, 1)[:, :w.shape[1]]
+    return w.double() * ws
+
+
 def reference_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, terms: int = 1) -> torch.Tensor:
     """float64 reference on the dequantized operands: x quantized as the kernels do (torch ops), W tile-scaled."""
     from runtime.model import fake_act_quant
-    ws = w_scale.double().repeat_interleave(GROUP, 0)[:w.shape[0]].repeat_interleave(GROUP, 1)[:, :w.shape[1]]
-    return fake_act_quant(x, terms, torch.float64) @ (w.double() * ws).T
+    return fake_act_quant(x, terms, torch.float64) @ dequantize_weight(w, w_scale).T
 
 
 def reference_act_quant(x: torch.Tensor, terms: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

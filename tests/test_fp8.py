@@ -66,26 +66,36 @@ def test_act_quant_is_deepseeks_rounding(terms):
         assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8)), (M, K)
 
 
-@pytest.mark.parametrize("N,K", SHAPES)
-def test_gemm_against_float64(N, K):
-    gen = torch.Generator().manual_seed(N * 7 + K)
+def against_float64(N: int, K: int, seed: int, ms: list[int], gemm) -> list[tuple]:
+    """Random W (N, K) and x (M, K) for each M; `gemm(x, w, ws, out, terms)` fills the NaN-poisoned out (M, N) and
+    returns a label for messages. Asserts every element written and both float64 bounds; returns the errors."""
+    gen = torch.Generator().manual_seed(seed)
     w, ws = random_weight(N, K, gen)
-    w64 = (w.double() * ws.double().repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]).cpu()
-    worst = []
-    for M in MS:
+    w64 = fp8.dequantize_weight(w, ws).cpu()
+    errors = []
+    for M in ms:
         x = random_x(M, K, gen)
         unquantized = x.cpu().double() @ w64.T
         for terms in (1, 2):
             exact = fp8.reference_linear(x.cpu(), w.cpu(), ws.cpu(), terms)
-            cfg = fp8.config_for(terms * M, N, K)
             out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-            fp8.fp8_gemm(*fp8.act_quant(x, terms), w, ws, cfg, out=out, terms=terms)
-            assert not out.isnan().any(), f"{M}x{N}x{K} {cfg} terms={terms}: unwritten output"
+            what = f"{M}x{N}x{K} {gemm(x, w, ws, out, terms)} terms={terms}"
+            assert not out.isnan().any(), f"{what}: unwritten output"
             e1, e2 = rel(out.cpu(), exact), rel(out.cpu(), unquantized)
-            worst.append((M, terms, e1, e2))
-            assert e1 <= EXACT_BOUND, f"{M}x{N}x{K} {cfg} terms={terms}: {e1:.2e} vs exact-quantized reference"
-            assert e2 <= E4M3_BOUND[terms], f"{M}x{N}x{K} {cfg} terms={terms}: {e2:.2e} vs unquantized x"
-    print(f"\n{N}x{K}: " + ", ".join(f"M={m}x{t} {a:.1e}/{b:.1e}" for m, t, a, b in worst))
+            errors.append((M, terms, e1, e2))
+            assert e1 <= EXACT_BOUND, f"{what}: {e1:.2e} vs exact-quantized reference"
+            assert e2 <= E4M3_BOUND[terms], f"{what}: {e2:.2e} vs unquantized x"
+    return errors
+
+
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_gemm_against_float64(N, K):
+    def triton_kernel(x, w, ws, out, terms):
+        cfg = fp8.config_for(terms * len(x), N, K)
+        fp8.fp8_gemm(*fp8.act_quant(x, terms), w, ws, cfg, out=out, terms=terms)
+        return cfg
+    errors = against_float64(N, K, N * 7 + K, MS, triton_kernel)
+    print(f"\n{N}x{K}: " + ", ".join(f"M={m}x{t} {a:.1e}/{b:.1e}" for m, t, a, b in errors))
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon prefill kernel needs an sm_90 GPU")
@@ -93,19 +103,10 @@ def test_gemm_against_float64(N, K):
 def test_hopper_prefill_kernel_against_float64(N, K):
     """Called directly, so every shape and M runs it, including those the dispatch would give the Triton kernel:
     M=1 and 3 (one partial M tile), 130 (two), 1000 (more tiles than SMs for most N: the persistent loop)."""
-    gen = torch.Generator().manual_seed(N * 5 + K)
-    w, ws = random_weight(N, K, gen)
-    w64 = (w.double() * ws.double().repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]).cpu()
-    for M in [1, 3, 130, 1000]:
-        x = random_x(M, K, gen)
-        unquantized = x.cpu().double() @ w64.T
-        for terms in (1, 2):
-            exact = fp8.reference_linear(x.cpu(), w.cpu(), ws.cpu(), terms)
-            out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-            fp8.fp8_hopper.prefill_gemm(*fp8.act_quant(x, terms), w, ws, out, terms)
-            assert not out.isnan().any(), f"{M}x{N}x{K} terms={terms}: unwritten output"
-            assert rel(out.cpu(), exact) <= EXACT_BOUND, (M, N, K, terms)
-            assert rel(out.cpu(), unquantized) <= E4M3_BOUND[terms], (M, N, K, terms)
+    def hopper_kernel(x, w, ws, out, terms):
+        fp8.fp8_hopper.prefill_gemm(*fp8.act_quant(x, terms), w, ws, out, terms)
+        return "hopper"
+    against_float64(N, K, N * 5 + K, [1, 3, 130, 1000], hopper_kernel)
 
 
 def test_decode_sizes_never_take_the_prefill_kernel():

@@ -7,8 +7,9 @@ torch.matmul and torch._scaled_mm with blockwise scales, at 128, 512 and 4096 to
 First checks it: one and two terms, several shapes (N and K not multiples of 128 included) and M, outputs poisoned
 with NaN, against a float64 product of the dequantized operands, both called directly and through fp8.fp8_gemm's
 dispatch. Then times the GEMMs alone on quantized x with fp8_gemm.py's harness (CUDA graphs cycling through weights
-over 3x the L2, medians): hopper1/hopper2 = one/two terms, with 4 or 6 stages; triton1/triton2 = fp8's own kernel with
-the shipped table. Prints per-shape microseconds and the sums with their ratios.
+over 3x the L2, medians): hopper1/hopper2 = one/two terms in 128-row tiles (two consumer warpgroups), "hopper1 c3" =
+one term in 192-row tiles (three); triton1/triton2 = fp8's own kernel with the shipped table; runtime1/runtime2 =
+what fp8.fp8_gemm picks per shape. Prints per-shape microseconds and the sums with their ratios.
 Imports runtime/fp8*.py without the runtime package, so that the machine needs no ggml build.
 """
 import sys
@@ -51,6 +52,10 @@ for (N, K) in [(576, 7168), (200, 384), (7168, 2048)]:
             ref = ref64(q, s, w, ws, terms)
             out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=dev)
             fp8_hopper.prefill_gemm(q, s, w, ws, out, terms)
+            if terms == 1:                                            # 192-row tiles
+                wide = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=dev)
+                fp8_hopper.prefill_gemm(q, s, w, ws, wide, terms, consumers=3)
+                assert not wide.isnan().any() and float((wide.double() - ref).norm() / ref.norm()) < 6e-3
             disp = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=dev)
             fp8.fp8_gemm(q, s, w, ws, out=disp, terms=terms)          # the runtime's dispatch
             assert not disp.isnan().any() and float((disp.double() - ref).norm() / ref.norm()) < 6e-3
@@ -86,20 +91,24 @@ for M in (4096, 512, 128):
     for name, case in cases.items():
         t = {"bf16": B.time_bf16(case, M), "smm": B.time_scaled_mm(case, M)[0] or float("nan"),
              "triton1": B.time_ours(case, M, triton_config(case, M, 1), prequant=True, terms=1),
-             "hopper1 s6": time_ws(case, M, 1, stages=6), "hopper1 s4": time_ws(case, M, 1, stages=4),
+             "hopper1 s4": time_ws(case, M, 1, stages=4), "hopper1 c3": time_ws(case, M, 1, consumers=3, stages=4),
+             "runtime1": B.time_ours(case, M, prequant=True, terms=1),
              "triton2": B.time_ours(case, M, triton_config(case, M, 2), prequant=True, terms=2),
-             "hopper2 s4": time_ws(case, M, 2, stages=4)}
+             "hopper2 s4": time_ws(case, M, 2, stages=4), "runtime2": B.time_ours(case, M, prequant=True, terms=2)}
         for k, v in t.items():
             tot[k] = tot.get(k, 0) + v
         fl = 2 * M * case.N * case.K
         print(f"M={M} {name:14s} " + " ".join(f"{k} {v*1e6:.1f}" for k, v in t.items()) +
-              f" | hopper1 s6 {fl/t['hopper1 s6']/1e12:.0f} TF", flush=True)
+              f" | TF: hopper1 s4 {fl/t['hopper1 s4']/1e12:.0f} c3 {fl/t['hopper1 c3']/1e12:.0f}"
+              f" smm {fl/t['smm']/1e12:.0f}", flush=True)
     summary.append((M, tot))
 print(f"({time.time() - t0:.0f}s)")
 for M, tot in summary:
     print(f"SUM M={M}: " + " ".join(f"{k} {v*1e6:.0f}" for k, v in tot.items()))
-    print(f"   hopper1 s6/bf16 {tot['bf16']/tot['hopper1 s6']:.2f}x "
-          f"hopper1 s4/bf16 {tot['bf16']/tot['hopper1 s4']:.2f}x "
-          f"hopper1 s6 vs smm {tot['smm']/tot['hopper1 s6']:.2f}x vs triton1 {tot['triton1']/tot['hopper1 s6']:.2f}x | "
+    print(f"   hopper1 s4/bf16 {tot['bf16']/tot['hopper1 s4']:.2f}x "
+          f"c3/bf16 {tot['bf16']/tot['hopper1 c3']:.2f}x vs smm {tot['smm']/tot['hopper1 c3']:.2f}x "
+          f"| RUNTIME 1 term {tot['bf16']/tot['runtime1']:.2f}x bf16 {tot['smm']/tot['runtime1']:.2f}x smm, "
+          f"2 terms {tot['bf16']/tot['runtime2']:.2f}x bf16 | "
+          f"hopper1 s4 vs smm {tot['smm']/tot['hopper1 s4']:.2f}x vs triton1 {tot['triton1']/tot['hopper1 s4']:.2f}x | "
           f"hopper2/bf16 {tot['bf16']/tot['hopper2 s4']:.2f}x vs triton2 {tot['triton2']/tot['hopper2 s4']:.2f}x | "
           f"triton1/bf16 {tot['bf16']/tot['triton1']:.2f}x smm/bf16 {tot['bf16']/tot['smm']:.2f}x")

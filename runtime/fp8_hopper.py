@@ -7,10 +7,13 @@ Issuing the next group's wgmma before scaling the last one does not help: ptxas 
 registers other instructions read while a later one is in flight (warning C7514).
 
 So the work is split by warps (warp specialization), as in DeepGEMM: a producer warp TMA-loads each group's x and
-weight tiles into a ring of STAGES shared-memory stages, and two consumer warpgroups each own 64 rows of a 128x128
-output tile. A consumer issues its wgmmas, waits for them, frees the stage, then scales and adds; the two consumers
-run out of step, so one's wgmmas fill the tensor cores while the other adds. The grid is persistent (one program per
-SM walking the tiles, grouped along M for L2 reuse), so the producer loads the next tile while the consumers store.
+weight tiles into a ring of STAGES shared-memory stages, and two or three consumer warpgroups each own 64 rows of a
+128x128 or 192x128 output tile. A consumer issues its wgmmas, waits for them, frees the stage, then scales and adds;
+the consumers run out of step, so one's wgmmas fill the tensor cores while another adds. The grid is persistent (one
+program per SM walking the tiles, grouped along M for L2 reuse), so the producer loads the next tile while the
+consumers store. Three consumers (one term only: 160 registers a thread, where two terms need ~200) share each weight
+tile among 192 rows: 17% fewer bytes pulled from L2 per FLOP, which looks like the limit at large M (every variant
+measured moves 6.3-7.3 TB/s from L2 to the SMs; BENCHMARKS.md). Which count runs: fp8.hopper_consumers.
 
 With two activation terms each group feeds the weight tile in shared memory to two products (the terms' x tiles,
 rows t::2 of the quantized x, by two TMA descriptors), each with its own scale, so the weights are read once and the
@@ -29,44 +32,49 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 
 @gluon.jit
-def _tile(t, tiles_m, tiles_n, group_m):
+def _tile(t, tiles_m, tiles_n, group_m, BM: gl.constexpr):
     """Output tile t -> (its first row, its column tile); grouped along M, so that neighbours share weight tiles."""
     per_group = group_m * tiles_n
     first_m = (t // per_group) * group_m
     rows_here = gl.minimum(tiles_m - first_m, group_m)
-    return (first_m + (t % per_group) % rows_here) * 128, (t % per_group) // rows_here
+    return (first_m + (t % per_group) % rows_here) * BM, (t % per_group) // rows_here
 
 
 @gluon.jit
-def _producer(a0_desc, a1_desc, w_desc, a_bufs, w_bufs, ready, empty, tiles_m, tiles_n, group_m, n_groups):
+def _producer(a0_desc, a1_desc, w_desc, a0_bufs, a1_bufs, w_bufs, ready, empty, tiles_m, tiles_n, group_m, n_groups):
     """One warp: TMA loads of each 128-K group's tiles into the next free stage, running on into the next output
     tile while the consumers finish this one."""
-    STAGES: gl.constexpr = w_bufs.shape[0]          # (worker partitions take no constexpr arguments)
-    TERMS: gl.constexpr = a_bufs.shape[0] // STAGES
+    STAGES: gl.constexpr = w_bufs.shape[0]          # (worker partitions take no constexpr arguments: shapes carry them)
+    TERMS: gl.constexpr = 2 if a1_bufs.shape[0] > 1 else 1
+    CONSUMERS: gl.constexpr = a0_bufs.shape[0] // STAGES
     BN: gl.constexpr = w_bufs.shape[1]
-    nbytes: gl.constexpr = TERMS * a0_desc.block_type.nbytes + w_desc.block_type.nbytes
+    nbytes: gl.constexpr = TERMS * CONSUMERS * a0_desc.block_type.nbytes + w_desc.block_type.nbytes
     step = 0
     for t in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
-        off_m, pid_n = _tile(t, tiles_m, tiles_n, group_m)
+        off_m, pid_n = _tile(t, tiles_m, tiles_n, group_m, 64 * CONSUMERS)
         for g in range(n_groups):
             s = step % STAGES
-            mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)     # both consumers are done with it
+            mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)     # every consumer is done with it
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
             tma.async_copy_global_to_shared(w_desc, [pid_n * BN, g * 128], bar, w_bufs.index(s))
-            tma.async_copy_global_to_shared(a0_desc, [off_m, g * 128], bar, a_bufs.index(s * TERMS))
-            if TERMS == 2:
-                tma.async_copy_global_to_shared(a1_desc, [off_m, g * 128], bar, a_bufs.index(s * TERMS + 1))
+            for c in gl.static_range(CONSUMERS):
+                tma.async_copy_global_to_shared(a0_desc, [off_m + 64 * c, g * 128], bar,
+                                                a0_bufs.index(s * CONSUMERS + c))
+                if TERMS == 2:
+                    tma.async_copy_global_to_shared(a1_desc, [off_m + 64 * c, g * 128], bar,
+                                                    a1_bufs.index(s * CONSUMERS + c))
             step += 1
 
 
 @gluon.jit
-def _consumer(a_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m, n_groups,
-              stride_cm, stride_wsn, WG: gl.constexpr):
+def _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m,
+              n_groups, stride_cm, stride_wsn, WG: gl.constexpr):
     """One warpgroup: rows [64 WG, 64 WG + 64) of each tile. Per group: a wgmma per term, wait, free the stage,
-    then the scaled adds, during which the other warpgroup's wgmmas keep the tensor cores busy."""
+    then the scaled adds, during which the other warpgroups' wgmmas keep the tensor cores busy."""
     STAGES: gl.constexpr = w_bufs.shape[0]
-    TERMS: gl.constexpr = a_bufs.shape[0] // STAGES
+    TERMS: gl.constexpr = 2 if a1_bufs.shape[0] > 1 else 1
+    CONSUMERS: gl.constexpr = a0_bufs.shape[0] // STAGES
     BN: gl.constexpr = w_bufs.shape[1]
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
     zeros = gl.zeros((64, BN), gl.float32, layout)
@@ -74,7 +82,7 @@ def _consumer(a_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m
     x1 = zeros
     step = 0
     for t in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
-        off_m, pid_n = _tile(t, tiles_m, tiles_n, group_m)
+        off_m, pid_n = _tile(t, tiles_m, tiles_n, group_m, 64 * CONSUMERS)
         rows = off_m + 64 * WG + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
         cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
         row_ok = rows < M
@@ -92,11 +100,10 @@ def _consumer(a_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m
             s = step % STAGES
             mbarrier.wait(ready.index(s), (step // STAGES) & 1)
             w = w_bufs.index(s).permute((1, 0))
-            x0 = warpgroup_mma(a_bufs.index(s * TERMS).slice(64 * WG, 64), w, x0, use_acc=False, is_async=True)
+            x0 = warpgroup_mma(a0_bufs.index(s * CONSUMERS + WG), w, x0, use_acc=False, is_async=True)
             if TERMS == 2:
                 s1_next = gl.load(sa_rows + n_groups + g + 1, mask=row_ok & more, other=0.0)
-                x1 = warpgroup_mma(a_bufs.index(s * TERMS + 1).slice(64 * WG, 64), w, x1, use_acc=False,
-                                   is_async=True)
+                x1 = warpgroup_mma(a1_bufs.index(s * CONSUMERS + WG), w, x1, use_acc=False, is_async=True)
                 x0, x1 = warpgroup_mma_wait(0, deps=(x0, x1))
             else:
                 s1_next = s0_next
@@ -113,47 +120,58 @@ def _consumer(a_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m
 
 
 @gluon.jit
-def _consumer0(a_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m, n_groups,
-               stride_cm, stride_wsn):
-    _consumer(a_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m, n_groups,
+def _consumer0(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m,
+               n_groups, stride_cm, stride_wsn):
+    _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m, n_groups,
               stride_cm, stride_wsn, 0)
 
 
 @gluon.jit
-def _consumer1(a_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m, n_groups,
-               stride_cm, stride_wsn):
-    _consumer(a_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m, n_groups,
+def _consumer1(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m,
+               n_groups, stride_cm, stride_wsn):
+    _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m, n_groups,
               stride_cm, stride_wsn, 1)
 
 
 @gluon.jit
+def _consumer2(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m,
+               n_groups, stride_cm, stride_wsn):
+    _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m, n_groups,
+              stride_cm, stride_wsn, 2)
+
+
+@gluon.jit
 def _prefill_kernel(a0_desc, a1_desc, w_desc, as_ptr, ws_ptr, c_ptr, M, N, n_groups, stride_cm, stride_wsn,
-                    TERMS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                    PRODUCER_REGS: gl.constexpr):
-    """Persistent: program p takes output tiles p, p + programs, ..."""
-    BM: gl.constexpr = a0_desc.block_type.shape[0]
+                    TERMS: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    """Persistent: program p takes output tiles p, p + programs, ... of 64 * CONSUMERS rows x BN columns."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
-    gl.static_assert(BM == 128 and a0_desc.block_type.shape[1] == 128)
-    a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * TERMS, BM, 128], a0_desc.layout)
+    gl.static_assert(a0_desc.block_type.shape[0] == 64 and a0_desc.block_type.shape[1] == 128)
+    gl.static_assert(CONSUMERS == 2 or (CONSUMERS == 3 and TERMS == 1))
+    a0_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * CONSUMERS, 64, 128], a0_desc.layout)
+    a1_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * CONSUMERS if TERMS == 2 else 1, 64, 128],
+                                        a0_desc.layout)       # with one term, one unused slab (TERMS for partitions)
     w_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, 128], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)                  # one arrival per consumer warpgroup
+        mbarrier.init(empty.index(i), count=CONSUMERS)          # one arrival per consumer warpgroup
 
     # scalars as tensors: Triton makes integer arguments equal to 1 constexprs, which partitions cannot take
-    tiles_m = gl.to_tensor(gl.cdiv(M, BM))
+    tiles_m = gl.to_tensor(gl.cdiv(M, 64 * CONSUMERS))
     tiles_n = gl.to_tensor(gl.cdiv(N, BN))
     group_m = gl.to_tensor(GROUP_M)
     n_groups = gl.to_tensor(n_groups)
-    consumer = (a_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, gl.to_tensor(M), gl.to_tensor(N), tiles_m,
-                tiles_n, group_m, n_groups, gl.to_tensor(stride_cm), gl.to_tensor(stride_wsn))
-    gl.warp_specialize([
-        (_consumer0, consumer),
-        (_consumer1, consumer),
-        (_producer, (a0_desc, a1_desc, w_desc, a_bufs, w_bufs, ready, empty, tiles_m, tiles_n, group_m, n_groups)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    consumer = (a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, gl.to_tensor(M), gl.to_tensor(N),
+                tiles_m, tiles_n, group_m, n_groups, gl.to_tensor(stride_cm), gl.to_tensor(stride_wsn))
+    producer = (a0_desc, a1_desc, w_desc, a0_bufs, a1_bufs, w_bufs, ready, empty, tiles_m, tiles_n, group_m, n_groups)
+    if CONSUMERS == 3:
+        gl.warp_specialize([(_consumer0, consumer), (_consumer1, consumer), (_consumer2, consumer),
+                            (_producer, producer)], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([(_consumer0, consumer), (_consumer1, consumer), (_producer, producer)], [4, 1],
+                           [CONSUMER_REGS, PRODUCER_REGS])
 
 
 _sms: dict = {}
@@ -164,22 +182,24 @@ def supported(device: torch.device) -> bool:
 
 
 def prefill_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor,
-                 terms: int, BN: int = 128, stages: int = 4, group_m: int = 8, consumer_regs: int = 232):
+                 terms: int, consumers: int = 2, BN: int = 128, stages: int = 4, group_m: int = 8,
+                 consumer_regs: int | None = None):
     """a (terms * M, K) e4m3, token m's terms in rows terms*m + t; a_scale (terms * M, ceil(K/128)); w (N, K) e4m3,
-    w_scale (ceil(N/128), ceil(K/128)) -> out (M, N) bf16."""
+    w_scale (ceil(N/128), ceil(K/128)) -> out (M, N) bf16. Tiles of 64 * consumers rows (3 with one term only)."""
     MA, K = a.shape
     N, M = w.shape[0], MA // terms
     n_groups = triton.cdiv(K, 128)
-    BM = 128
-    a_layout = gl.NVMMASharedLayout.get_default_for([BM, 128], gl.float8e4nv)
+    if consumer_regs is None:        # what the register file allows: 232 a thread for two consumers, 160 for three
+        consumer_regs = 232 if consumers == 2 else 160
+    a_layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
     w_layout = gl.NVMMASharedLayout.get_default_for([BN, 128], gl.float8e4nv)
     view = a.view(M, terms, K)
-    a_descs = [TensorDescriptor(view[:, t], [M, K], [terms * K, 1], [BM, 128], a_layout) for t in range(terms)]
+    a_descs = [TensorDescriptor(view[:, t], [M, K], [terms * K, 1], [64, 128], a_layout) for t in range(terms)]
     w_desc = TensorDescriptor(w, [N, K], [K, 1], [BN, 128], w_layout)
     if a.device not in _sms:
         _sms[a.device] = torch.cuda.get_device_properties(a.device).multi_processor_count
-    grid = (min(triton.cdiv(M, BM) * triton.cdiv(N, BN), _sms[a.device]), )
+    grid = (min(triton.cdiv(M, 64 * consumers) * triton.cdiv(N, BN), _sms[a.device]), )
     _prefill_kernel[grid](a_descs[0], a_descs[-1], w_desc, a_scale, w_scale, out, M, N, n_groups, out.stride(0),
-                          w_scale.stride(0), TERMS=terms, STAGES=stages, GROUP_M=group_m,
+                          w_scale.stride(0), TERMS=terms, CONSUMERS=consumers, STAGES=stages, GROUP_M=group_m,
                           CONSUMER_REGS=consumer_regs, PRODUCER_REGS=40, num_warps=4)
     return out

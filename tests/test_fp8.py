@@ -99,13 +99,16 @@ def test_gemm_against_float64(N, K):
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon prefill kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("consumers", [2, 3])
 @pytest.mark.parametrize("N,K", DEEPSEEK + [(576, 512), (200, 384), (256, 256)])
-def test_hopper_prefill_kernel_against_float64(N, K):
+def test_hopper_prefill_kernel_against_float64(N, K, consumers):
     """Called directly, so every shape and M runs it, including those the dispatch would give the Triton kernel:
-    M=1 and 3 (one partial M tile), 130 (two), 1000 (more tiles than SMs for most N: the persistent loop)."""
+    M=1 and 3 (one partial M tile), 130 (two), 1000 (more tiles than SMs for most N: the persistent loop).
+    `consumers`: warpgroups of 64 rows, 3 (192-row tiles) with one term only."""
     def hopper_kernel(x, w, ws, out, terms):
-        fp8.fp8_hopper.prefill_gemm(*fp8.act_quant(x, terms), w, ws, out, terms)
-        return "hopper"
+        c = consumers if terms == 1 else 2
+        fp8.fp8_hopper.prefill_gemm(*fp8.act_quant(x, terms), w, ws, out, terms, consumers=c)
+        return f"hopper consumers={c}"
     against_float64(N, K, N * 5 + K, [1, 3, 130, 1000], hopper_kernel)
 
 
@@ -116,6 +119,9 @@ def test_decode_sizes_never_take_the_prefill_kernel():
         for terms in (1, 2):
             assert not any(fp8.use_hopper_kernel(M, N, K, terms) for M in range(1, 128)), (N, K, terms)
         assert fp8.use_hopper_kernel(4096, N, K, 2), (N, K)
+    # 192-row tiles (three consumer warpgroups) for one term where they pad little; never for two
+    assert [fp8.hopper_consumers(M, 1) for M in (128, 512, 1000, 2048, 4096)] == [2, 2, 2, 3, 3]
+    assert all(fp8.hopper_consumers(M, 2) == 2 for M in (128, 4096, 6144))
 
 
 def test_a_prefill_kernel_that_does_not_build_falls_back_once(monkeypatch):
@@ -129,7 +135,7 @@ def test_a_prefill_kernel_that_does_not_build_falls_back_once(monkeypatch):
     monkeypatch.setattr(fp8, "fp8_hopper", type("Gluon", (), {"prefill_gemm": staticmethod(broken)}))
     monkeypatch.setattr(fp8, "_hopper_built", set())
     with pytest.warns(UserWarning, match="does not build with Triton"):
-        assert fp8._hopper_gemm(None, None, None, None, None, 2) is False
+        assert fp8._hopper_gemm(torch.empty(256, 128), None, None, None, None, 2) is False
     assert fp8.fp8_hopper is None and len(calls) == 1
 
 

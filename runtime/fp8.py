@@ -18,7 +18,7 @@ keyed by the rows of quantized x (terms x tokens):
 - large M (prefill): `act_quant` once, then a plain tiled GEMM, grouped along M for L2 reuse; STEP 2 issues two
   128-K products per iteration before their scaled adds.
 On Hopper (sm_90), prefill-sized calls (`use_hopper_kernel`) go to fp8_hopper instead: a warp-specialized Gluon
-kernel that keeps the tensor cores busy during the scaled adds (1.25-1.49x this file's GEMM at 512-4096 tokens).
+kernel that keeps the tensor cores busy during the scaled adds (1.26-1.40x this file's GEMM at 512-4096 tokens).
 Measurements and the goals they meet or miss: BENCHMARKS.md.
 
 Rounding to e4m3 is done by hand (`_round_e4m3`: ties to even, saturating), so the final cast is exact. The GPU's own

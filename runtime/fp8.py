@@ -211,8 +211,8 @@ def config_for(M: int, N: int, K: int) -> Config:
 
 
 def use_hopper_kernel(M: int, N: int, K: int, terms: int) -> bool:
-    """Whether fp8_hopper's prefill kernel beats the Triton one (measured on an H200, BENCHMARKS.md): it takes 128
-    tokens x 128 outputs per program, so it needs a full M tile and enough tiles to fill the GPU (under ~64 a few
+    """Whether fp8_hopper's prefill kernel beats the Triton one (measured on an H200, BENCHMARKS.md): it takes 128 or
+    192 tokens x 128 outputs per program, so it needs a full M tile and enough tiles to fill the GPU (under ~64 a few
     programs stream all of K alone, where split-K is faster); and with one term it loses on a short K (kv_b, 512)."""
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
     return M >= 128 and tiles >= 64 and K % 16 == 0 and (terms == 2 or K >= 1024)
@@ -232,16 +232,17 @@ def _hopper_gemm(a, a_scale, w, w_scale, out, terms) -> bool:
     """fp8_hopper.prefill_gemm; False if its first build fails. Gluon's API still changes between Triton releases (it
     was written for 3.6), and a Triton that no longer builds it should cost speed, not the run."""
     global fp8_hopper
+    variant = (terms, hopper_consumers(len(a) // terms, terms))           # one build each
     try:
-        fp8_hopper.prefill_gemm(a, a_scale, w, w_scale, out, terms, hopper_consumers(len(a) // terms, terms))
+        fp8_hopper.prefill_gemm(a, a_scale, w, w_scale, out, *variant)
     except Exception as e:           # whatever the first build raises: this Triton's Gluon is not the one it knows
-        if terms in _hopper_built:
+        if variant in _hopper_built:
             raise
         warnings.warn(f"runtime.fp8: the Hopper prefill kernel does not build with Triton {triton.__version__} "
                       f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); using the Triton kernel")
         fp8_hopper = None
         return False
-    _hopper_built.add(terms)
+    _hopper_built.add(variant)
     return True
 
 

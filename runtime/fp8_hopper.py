@@ -119,6 +119,8 @@ def _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, 
         gl.store(c_ptrs, acc.to(gl.bfloat16), mask=row_ok[:, None] & (cols < N)[None, :])
 
 
+# One wrapper per consumer warpgroup: a partition's function takes no constexpr arguments, and the warpgroup's index
+# must be one (it picks the slab and the rows at compile time).
 @gluon.jit
 def _consumer0(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m,
                n_groups, stride_cm, stride_wsn):

@@ -8,13 +8,14 @@ Timing: each measured call is captured R times into one CUDA graph, the R calls 
 weights to exceed 3x the L2 cache (decode streams weights from HBM, as in the model, where every layer has its own);
 the graph is replayed 15 times (CUDA events) and the median replay / R is the time per call. Inputs are fresh random
 data, never zeros.
-Columns: ours = the whole linear from bf16 x as the runtime runs it (act_quant launch + GEMM, the GEMM being the
-Hopper prefill kernel where fp8.use_hopper_kernel says so and the GPU is sm_90), with activations in
-two e4m3 terms (the runtime's default) and in one (DeepSeek's scheme); gemm = our GEMM alone on pre-quantized x, one
-term, the like-for-like match for _scaled_mm, which also takes one-term quantized x. Ratios are time(baseline) /
-time(ours). TFLOP/s (of one term) and GB/s (weights + x + y bytes, of two) of ours against ceilings measured in
-the same run: an 8192^3 bf16 matmul, an 8192^3 per-tensor fp8 _scaled_mm, a 2 GiB device copy (bytes read +
-written).
+Columns: ours = the whole linear from bf16 x as the runtime runs it (fp8.fp8_linear: on sm_90 one token in one
+launch of fp8_hopper's decode kernel; else act_quant + GEMM, the GEMM being the Hopper prefill kernel where
+fp8.use_hopper_kernel says so and the GPU is sm_90), with activations in two e4m3 terms (the runtime's default) and
+in one (DeepSeek's scheme); gemm = our GEMM alone on pre-quantized x, one term, the like-for-like match for
+_scaled_mm, which also takes one-term quantized x. Ratios are time(baseline) / time(ours). TFLOP/s (of one term) and
+GB/s (weights + x + y bytes, of two) of ours against ceilings measured in the same run: an 8192^3 bf16 matmul, an
+8192^3 per-tensor fp8 _scaled_mm, a 2 GiB device copy (bytes read + written). All shapes' decode sizes are timed
+before any prefill size.
 --tune: first sweep launch configs per shape and bucket of quantized-x rows (same harness; one row = one-term M=1,
 two rows and up = two-term tokens, the default), write the winners to the given file (the table runtime.fp8 ships),
 then benchmark with it. Buckets not measured take the nearest measured one's winner.
@@ -98,8 +99,18 @@ def time_ours(case: Case, M: int, cfg: fp8.Config | None = None, prequant: bool 
         q, s = fp8.act_quant(x, terms)
         return graph_time(lambda i: fp8.fp8_gemm(q, s, case.w[i % r], case.ws[i % r], cfg, out=out, terms=terms),
                           case.calls())
+    if cfg is None:                 # the runtime's own call (fp8_linear: on sm_90 a few tokens take one launch)
+        return graph_time(lambda i: fp8.fp8_linear(x, case.w[i % r], case.ws[i % r], terms, out=out), case.calls())
     return graph_time(lambda i: fp8.fp8_gemm(*fp8.act_quant(x, terms), case.w[i % r], case.ws[i % r], cfg, out=out,
                                              terms=terms), case.calls())
+
+
+def ref64(q, s, w, ws, terms):
+    """float64 product of the dequantized operands, terms summed."""
+    MA, K = q.shape
+    a = q.double() * s.double().repeat_interleave(128, 1)[:, :K]
+    y = a @ fp8.dequantize_weight(w, ws).T
+    return y.view(MA // terms, terms, -1).sum(1)
 
 
 def time_bf16(case: Case, M: int) -> float:
@@ -197,15 +208,13 @@ def main():
     ms = [1, 4096] if args.quick else MS
     if args.tune:
         tune(args.tune, TUNE_ROWS)
-    ceil = ceilings()
-    print(f"{torch.cuda.get_device_name()}, {SMS} SMs, L2 {L2 >> 20} MiB, torch {torch.__version__}, "
-          f"triton {__import__('triton').__version__}")
-    print(f"ceilings: bf16 {ceil['bf16_tflops']:.0f} TFLOP/s, fp8 per-tensor {ceil['fp8_tflops']:.0f} TFLOP/s, "
-          f"device copy {ceil['copy_gbs']:.0f} GB/s")
     rows = []
-    for name, (N, K) in SHAPES.items():
-        case = Case(N, K)
-        for M in ms:
+    cases = {name: Case(N, K) for name, (N, K) in SHAPES.items()}
+    # M outermost: every shape's decode sizes are timed before any prefill size heats the GPU (whose clocks then
+    # drop for a while: the M=1 calls timed right after measured up to 12% slower)
+    for M in ms:
+        for name, case in cases.items():
+            N, K = case.N, case.K
             ours, ours1 = time_ours(case, M), time_ours(case, M, terms=1)
             gemm, bf = time_ours(case, M, prequant=True, terms=1), time_bf16(case, M)
             smm, why = time_scaled_mm(case, M)
@@ -214,8 +223,14 @@ def main():
                              bf16_us=bf * 1e6, scaled_mm_us=smm * 1e6 if smm else None, scaled_mm_note=why,
                              tflops=2 * M * N * K / ours1 / 1e12, gbs=nbytes / ours / 1e9,
                              cfg=vars(fp8.config_for(2 * M, N, K)), cfg1=vars(fp8.config_for(M, N, K))))
-        del case
-        torch.cuda.empty_cache()
+    rows.sort(key=lambda r: list(SHAPES).index(r["shape"]))          # printed by shape, then M
+    del cases
+    torch.cuda.empty_cache()
+    ceil = ceilings()                                                  # last: 8192^3 matmuls heat the GPU too
+    print(f"{torch.cuda.get_device_name()}, {SMS} SMs, L2 {L2 >> 20} MiB, torch {torch.__version__}, "
+          f"triton {__import__('triton').__version__}")
+    print(f"ceilings: bf16 {ceil['bf16_tflops']:.0f} TFLOP/s, fp8 per-tensor {ceil['fp8_tflops']:.0f} TFLOP/s, "
+          f"device copy {ceil['copy_gbs']:.0f} GB/s")
     print("\nours = 2 activation terms (default), ours1 = 1 term; gemm = 1 term, x pre-quantized; TFLOP/s of ours1, "
           "GB/s of ours")
     print(f"{'shape':15s} {'N x K':>12s} {'M':>5s} {'ours us':>8s} {'ours1 us':>8s} {'gemm us':>8s} {'bf16 us':>8s}"

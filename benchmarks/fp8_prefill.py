@@ -32,14 +32,6 @@ dev = torch.device("cuda")
 t0 = time.time()
 
 
-def ref64(q, s, w, ws, terms):
-    """float64 product of the dequantized operands, terms summed."""
-    MA, K = q.shape
-    a = q.double() * s.double().repeat_interleave(128, 1)[:, :K]
-    y = a @ fp8.dequantize_weight(w, ws).T
-    return y.view(MA // terms, terms, -1).sum(1)
-
-
 print("== correctness (rel. error vs float64 of the dequantized operands; NaN-poisoned outputs)")
 worst = 0.0
 for (N, K) in [(576, 7168), (200, 384), (7168, 2048)]:
@@ -49,7 +41,7 @@ for (N, K) in [(576, 7168), (200, 384), (7168, 2048)]:
         for terms in (1, 2):
             x = B.x_for(M, K)
             q, s = fp8.act_quant(x, terms)
-            ref = ref64(q, s, w, ws, terms)
+            ref = B.ref64(q, s, w, ws, terms)
             out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=dev)
             fp8_hopper.prefill_gemm(q, s, w, ws, out, terms)
             if terms == 1:                                            # 192-row tiles

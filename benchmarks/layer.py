@@ -4,7 +4,7 @@ layer (FP8 attention, FP8 dense MLP / shared expert on the GPU through runtime.f
 the CPU through ggml with the machine's cores), built as a merged folder would be opened (runtime.load.Folder over
 one memory-mapped file of random valid weights) and run by runtime.model.Transformer(device="cuda", fp8=True).
 
-    python benchmarks/layer.py [--experts 256] [--threads N] [--prefill 512] [--steps 30]
+    python benchmarks/layer.py [--experts 256] [--threads N] [--prefill 512] [--steps 30] [--no-decode-kernel]
 
 Decode (one token at position 512, CUDA graphs, as the runtime decodes), per MoE layer:
   GPU   = the layer's graphs alone (attention + router over the position's span, then the shared expert), replayed
@@ -141,12 +141,18 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--dir", default=tempfile.gettempdir())
     p.add_argument("--json", type=Path)
+    p.add_argument("--no-decode-kernel", action="store_true", help="decode's FP8 linears as act_quant + the "
+                   "split-K GEMM (the path before fp8_hopper's decode kernel)")
     args = p.parse_args()
+    if args.no_decode_kernel:
+        from runtime import fp8
+        fp8.DECODE_ROWS = 0
     threads = args.threads or G.physical_cores()
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    res = {"device": torch.cuda.get_device_name(), "cpu_threads": threads, "os_cpus": os.cpu_count()}
+    res = {"device": torch.cuda.get_device_name(), "cpu_threads": threads, "os_cpus": os.cpu_count(),
+           "decode_kernel": not args.no_decode_kernel}
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         t0 = time.perf_counter()

@@ -18,7 +18,9 @@ keyed by the rows of quantized x (terms x tokens):
 - large M (prefill): `act_quant` once, then a plain tiled GEMM, grouped along M for L2 reuse; STEP 2 issues two
   128-K products per iteration before their scaled adds.
 On Hopper (sm_90), prefill-sized calls (`use_hopper_kernel`) go to fp8_hopper instead: a warp-specialized Gluon
-kernel that keeps the tensor cores busy during the scaled adds (1.26-1.40x this file's GEMM at 512-4096 tokens).
+kernel that keeps the tensor cores busy during the scaled adds (1.26-1.40x this file's GEMM at 512-4096 tokens);
+and a decode step's single token (`use_decode_kernel`) takes fp8_hopper's one-launch linear, which quantizes x
+while its weight tiles stream in (no act_quant launch).
 Measurements and the goals they meet or miss: BENCHMARKS.md.
 
 Rounding to e4m3 is done by hand (`_round_e4m3`: ties to even, saturating), so the final cast is exact. The GPU's own
@@ -228,22 +230,27 @@ def hopper_consumers(M: int, terms: int) -> int:
 _hopper_built: set = set()
 
 
-def _hopper_gemm(a, a_scale, w, w_scale, out, terms) -> bool:
-    """fp8_hopper.prefill_gemm; False if its first build fails. Gluon's API still changes between Triton releases (it
-    was written for 3.6), and a Triton that no longer builds it should cost speed, not the run."""
+def _hopper_call(variant: tuple, call) -> bool:
+    """Run a kernel of fp8_hopper; False if its first build fails. Gluon's API still changes between Triton releases
+    (it was written for 3.6), and a Triton that no longer builds it should cost speed, not the run. `variant`: what
+    makes a new build (a failure after that one built is a real error)."""
     global fp8_hopper
-    variant = (terms, hopper_consumers(len(a) // terms, terms))           # one build each
     try:
-        fp8_hopper.prefill_gemm(a, a_scale, w, w_scale, out, *variant)
+        call()
     except Exception as e:           # whatever the first build raises: this Triton's Gluon is not the one it knows
         if variant in _hopper_built:
             raise
-        warnings.warn(f"runtime.fp8: the Hopper prefill kernel does not build with Triton {triton.__version__} "
-                      f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); using the Triton kernel")
+        warnings.warn(f"runtime.fp8: the Hopper kernels do not build with Triton {triton.__version__} "
+                      f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); using the Triton kernels")
         fp8_hopper = None
         return False
     _hopper_built.add(variant)
     return True
+
+
+def _hopper_gemm(a, a_scale, w, w_scale, out, terms) -> bool:
+    variant = ("prefill", terms, hopper_consumers(len(a) // terms, terms))
+    return _hopper_call(variant, lambda: fp8_hopper.prefill_gemm(a, a_scale, w, w_scale, out, *variant[1:]))
 
 
 def _workspace(device: torch.device):
@@ -300,11 +307,38 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: t
     return out
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, terms: int = 1) -> torch.Tensor:
-    """x (..., K) any float dtype -> bf16 (..., N): quantize x per 128 group (in `terms` terms), block-scaled GEMM."""
+DECODE_ROWS = 2                  # rows of quantized x (tokens x terms) up to which sm_90 runs fp8_hopper.decode_linear
+
+
+def use_decode_kernel(x: torch.Tensor, w: torch.Tensor, terms: int) -> bool:
+    """Whether fp8_hopper's one-launch decode kernel takes this call: sm_90 and one token (or two in one term), where
+    it beats act_quant + the split-K GEMM (H100, summed at M=1: 1.84x bf16 against 1.67x with one term, 1.80x
+    against 1.64x with two; it loses from 4 rows: BENCHMARKS.md); a K TMA can stride (a multiple of 16), contiguous
+    W, and a split-K that fits the shared workspace."""
+    M, (N, K) = x.shape[0], w.shape
+    if not (fp8_hopper and 0 < M * terms <= DECODE_ROWS and K % 16 == 0 and w.is_contiguous()
+            and fp8_hopper.supported(x.device)):
+        return False
+    *_, split = fp8_hopper.decode_variant(M, N, K, x.device)
+    return split * M * N <= WORKSPACE_FLOATS and triton.cdiv(N, 64) <= LOCKS
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, terms: int = 1,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) any float dtype -> bf16 (..., N): quantize x per 128 group (in `terms` terms), block-scaled GEMM.
+    On sm_90 a decode step's token takes one launch that quantizes x itself (fp8_hopper.decode_linear); else
+    act_quant, then fp8_gemm."""
     lead, K = x.shape[:-1], x.shape[-1]
-    y = fp8_gemm(*act_quant(x.reshape(-1, K), terms), w, w_scale, terms=terms)
-    return y.view(*lead, w.shape[0])
+    x = x.reshape(-1, K)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if use_decode_kernel(x, w, terms):
+        if out is None:
+            out = torch.empty(x.shape[0], w.shape[0], dtype=torch.bfloat16, device=x.device)
+        variant = ("decode", terms, *fp8_hopper.decode_variant(x.shape[0], w.shape[0], K, x.device))
+        if _hopper_call(variant, lambda: fp8_hopper.decode_linear(x, w, w_scale, out, terms, *_workspace(x.device))):
+            return out.view(*lead, w.shape[0])
+    return fp8_gemm(*act_quant(x, terms), w, w_scale, terms=terms, out=out).view(*lead, w.shape[0])
 
 
 def dequantize_weight(w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The prefill GEMM on Hopper (sm_90), in Gluon: the same block-scaled product as fp8._gemm_kernel, for many rows.
+"""The FP8 linear on Hopper (sm_90), in Gluon: the prefill GEMM (the same block-scaled product as fp8._gemm_kernel,
+for many rows) and the decode linear (one token, x quantized inside: _decode_kernel's docstring).
 
 Why a second kernel: each 128-K group's product must be scaled (s_x per row, s_w per weight tile) before it joins
 the fp32 sum. Written as `acc += tl.dot(a, b) * s`, every warp of a Triton program waits for its wgmma, then scales,
@@ -27,8 +28,11 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from runtime import fp8                # its _quantize (x quantized as act_quant does); fp8 imports this module
 
 
 @gluon.jit
@@ -176,7 +180,108 @@ def _prefill_kernel(a0_desc, a1_desc, w_desc, as_ptr, ws_ptr, c_ptr, M, N, n_gro
                            [CONSUMER_REGS, PRODUCER_REGS])
 
 
+@gluon.jit
+def _decode_kernel(x_ptr, w_desc, ws_ptr, c_ptr, part_ptr, lock_ptr, M, N, K, n_groups, stride_xm, stride_cm,
+                   stride_wsn, TERMS: gl.constexpr, MQ: gl.constexpr, RT: gl.constexpr, GROUPS: gl.constexpr,
+                   STAGES: gl.constexpr, SPLIT: gl.constexpr, XQ_LAYOUT: gl.constexpr):
+    """The whole linear for a few tokens (M <= MQ): program (n, k) takes 64 weight rows x GROUPS 128-K groups.
+
+    Its weight tiles stream through a ring of STAGES TMA loads (all of them at once where STAGES = GROUPS), and x is
+    quantized (fp8._quantize, as act_quant) while the first are in flight. The quantized x of all its groups and
+    terms is one wgmma B operand: per term a block of RT >= GROUPS * MQ rows (a power of two, 8 at least), row
+    j*MQ + m holding token m's group j (rows past that are zeros). wgmma's N is at least 8, so for one token a row
+    per group costs no more tensor-core work than one group padded to 8 rows, the 128 threads quantize GROUPS groups
+    at once, and both terms take one wgmma. Group j's wgmma (W tile j as the 64-row A operand) fills every column;
+    only group j's columns are kept, by scales that are zero elsewhere, each product added while the next group's
+    wgmma runs. The end sums each token's columns over groups and terms. Split K: the last program of a weight-row
+    tile to finish sums the partials in split order, as fp8._gemm_kernel does."""
+    RB: gl.constexpr = TERMS * RT
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    g0 = pid_k * GROUPS
+    xl: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
+    r = gl.arange(0, RT, layout=gl.SliceLayout(1, xl))
+    j, m = r // MQ, r % MQ
+    k = (g0 + j)[:, None] * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, xl))[None, :]
+    here = (j < GROUPS) & (g0 + j < n_groups)
+    x = gl.load(x_ptr + m[:, None] * stride_xm + k, mask=(here & (m < M))[:, None] & (k < K), other=0.0)
+    sw = gl.load(ws_ptr + (pid_n // 2) * stride_wsn + g0 + j, mask=here, other=0.0)
+    # x's loads are issued first: the barrier set-up below (a CTA barrier per step) runs under their latency
+    w_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, 64, 128], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(STAGES):
+        mbarrier.init(ready.index(j), count=1)
+    for j in gl.static_range(STAGES):       # past K too (an uneven last split): TMA fills those tiles with zeros
+        mbarrier.expect(ready.index(j), w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [pid_n * 64, (g0 + j) * 128], ready.index(j), w_bufs.index(j))
+
+    xq = gl.allocate_shared_memory(gl.float8e4nv, [RB, 128], XQ_LAYOUT)
+    sx = gl.allocate_shared_memory(gl.float32, [RB], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    x = x.to(gl.float32)
+    for t in gl.static_range(TERMS):
+        q, s = fp8._quantize(x)
+        xq.slice(t * RT, RT).store(q.to(gl.float8e4nv))
+        sx.slice(t * RT, RT).store(s * sw)
+        x = x - q * s[:, None]              # what this term missed (launched without FMA contraction: as act_quant)
+    fence_async_shared()
+    gl.thread_barrier()
+
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, RB, 32])
+    cols: gl.constexpr = gl.SliceLayout(0, layout)
+    scale = sx.load(cols)
+    group_of = (gl.arange(0, RB, layout=cols) % RT) // MQ
+    zeros = gl.zeros((64, RB), gl.float32, layout)
+    acc = zeros
+    done = zeros                            # the product in flight (set before its first use below)
+    for j in gl.static_range(GROUPS):
+        mbarrier.wait(ready.index(j % STAGES), (j // STAGES) & 1)
+        product = warpgroup_mma(w_bufs.index(j % STAGES), xq.permute((1, 0)), zeros, use_acc=False, is_async=True)
+        if j > 0:                           # the last group's product, added while this one's runs
+            done = warpgroup_mma_wait(1, deps=(done, ))
+            acc += done * gl.where(group_of == j - 1, scale, 0.0)[None, :]
+            if j - 1 + STAGES < GROUPS:     # its weight tile is read: the stage takes the tile STAGES groups on
+                slot = (j - 1) % STAGES
+                mbarrier.expect(ready.index(slot), w_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(w_desc, [pid_n * 64, (g0 + j - 1 + STAGES) * 128], ready.index(slot),
+                                                w_bufs.index(slot))
+        done = product
+    done = warpgroup_mma_wait(0, deps=(done, ))
+    acc += done * gl.where(group_of == GROUPS - 1, scale, 0.0)[None, :]
+
+    # out[m, n] = the sum over terms t and groups j of acc[n, t * RT + j * MQ + m], through shared memory
+    sums = gl.allocate_shared_memory(gl.float32, [64, RB], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    sums.store(acc)
+    gl.thread_barrier()
+    ol: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [4, 1], [0, 1])
+    out = sums.slice(0, MQ, dim=1).load(ol)
+    for c in gl.static_range(1, TERMS * GROUPS):
+        out += sums.slice((c // GROUPS) * RT + (c % GROUPS) * MQ, MQ, dim=1).load(ol)
+    n = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, ol))
+    t = gl.arange(0, MQ, layout=gl.SliceLayout(0, ol))
+    mask = (n < N)[:, None] & (t < M)[None, :]
+    c_ptrs = c_ptr + t[None, :] * stride_cm + n[:, None]
+    if SPLIT == 1:
+        gl.store(c_ptrs, out.to(gl.bfloat16), mask=mask)
+    else:
+        part = part_ptr + t[None, :] * N + n[:, None]           # partials (SPLIT, M, N)
+        gl.store(part + pid_k * M * N, out, mask=mask)
+        gl.thread_barrier()                                     # every thread's partial is stored before the release
+        arrived = gl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            total = gl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
+            for i in range(1, SPLIT):
+                total += gl.load(part + i * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            gl.store(c_ptrs, total.to(gl.bfloat16), mask=mask)
+            gl.store(lock_ptr + pid_n, 0)                       # ready for the next launch (and graph replays)
+
+
 _sms: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    if device not in _sms:
+        _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sms[device]
 
 
 def supported(device: torch.device) -> bool:
@@ -198,10 +303,51 @@ def prefill_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
     view = a.view(M, terms, K)
     a_descs = [TensorDescriptor(view[:, t], [M, K], [terms * K, 1], [64, 128], a_layout) for t in range(terms)]
     w_desc = TensorDescriptor(w, [N, K], [K, 1], [BN, 128], w_layout)
-    if a.device not in _sms:
-        _sms[a.device] = torch.cuda.get_device_properties(a.device).multi_processor_count
-    grid = (min(triton.cdiv(M, 64 * consumers) * triton.cdiv(N, BN), _sms[a.device]), )
+    grid = (min(triton.cdiv(M, 64 * consumers) * triton.cdiv(N, BN), sm_count(a.device)), )
     _prefill_kernel[grid](a_descs[0], a_descs[-1], w_desc, a_scale, w_scale, out, M, N, n_groups, out.stride(0),
                           w_scale.stride(0), TERMS=terms, CONSUMERS=consumers, STAGES=stages, GROUP_M=group_m,
                           CONSUMER_REGS=consumer_regs, PRODUCER_REGS=40, num_warps=4)
+    return out
+
+
+def decode_variant(tokens: int, N: int, K: int, device: torch.device, groups: int | None = None,
+                   stages: int | None = None) -> tuple[int, int, int, int]:
+    """(MQ, GROUPS, STAGES, SPLIT) of decode_linear, by a rule fitted to a sweep on an H100 (BENCHMARKS.md):
+    - MQ: tokens padded to a power of two;
+    - GROUPS, the 128-K groups per program: 8 (a 64 KB weight stream), at most 16 / MQ (x's and the products'
+      registers) and K's groups rounded up to a power of two; halved, down to 4, while it does not divide K's
+      groups (the last split would load and quantize zeros) or leaves under two programs per SM;
+    - STAGES, the weight tiles in flight: all of the program's, or 4 where that lets every program be resident at
+      once (6 a SM at 4 stages, 3 at 8: a second, partial wave of programs costs more than the shallower ring);
+    - SPLIT: programs along K."""
+    mq = 1 << (tokens - 1).bit_length()
+    n_groups = triton.cdiv(K, 128)
+    sms = sm_count(device)
+    if groups is None:
+        groups = max(1, min(8, 16 // mq, 1 << (n_groups - 1).bit_length()))
+        while groups > 4 and (n_groups % groups or triton.cdiv(N, 64) * (n_groups // groups) < 2 * sms):
+            groups //= 2
+    split = triton.cdiv(n_groups, groups)
+    if stages is None:
+        stages = 4 if groups > 4 and triton.cdiv(N, 64) * split <= 6 * sms else groups
+    return mq, groups, min(stages, groups), split
+
+
+def decode_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor, terms: int,
+                  part: torch.Tensor, locks: torch.Tensor, groups: int | None = None,
+                  stages: int | None = None) -> torch.Tensor:
+    """x (M, K) float, a few tokens (fp8 sends it one; tested to 16), unquantized -> out (M, N) bf16: the FP8 linear
+    (act_quant + block-scaled GEMM, x in `terms` e4m3 terms) in one launch. part/locks: fp8's split-K workspace (the
+    caller checks it fits). `groups`, `stages` override decode_variant's rule."""
+    M, K = x.shape
+    N = w.shape[0]
+    mq, groups, stages, split = decode_variant(M, N, K, x.device, groups, stages)
+    rt = max(8, 1 << (groups * mq - 1).bit_length())
+    w_desc = TensorDescriptor(w, [N, K], [K, 1], [64, 128],
+                              gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv))
+    _decode_kernel[(triton.cdiv(N, 64), split)](
+        x, w_desc, w_scale, out, part, locks, M, N, K, triton.cdiv(K, 128), x.stride(0), out.stride(0),
+        w_scale.stride(0), TERMS=terms, MQ=mq, RT=rt, GROUPS=groups, STAGES=stages, SPLIT=split,
+        XQ_LAYOUT=gl.NVMMASharedLayout.get_default_for([terms * rt, 128], gl.float8e4nv), num_warps=4,
+        enable_fp_fusion=False)
     return out

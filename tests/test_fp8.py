@@ -9,7 +9,8 @@ conftest sets TRITON_INTERPRET). Two references, both float64 on dequantized ope
   term; with two terms (x's remainder quantized again) the bf16 output rounding dominates (~2-3e-3), bound 6e-3.
 Both for `terms` 1 and 2.
 Outputs are poisoned with NaN first, so an element the kernel never wrote fails.
-On an sm_90 GPU the Gluon prefill kernel (runtime/fp8_hopper.py) is held to the same two references.
+On an sm_90 GPU the Gluon kernels (runtime/fp8_hopper.py: prefill GEMM, and the decode linear that quantizes x
+itself) are held to the same two references.
 """
 import pytest
 import torch
@@ -112,6 +113,39 @@ def test_hopper_prefill_kernel_against_float64(N, K, consumers):
     against_float64(N, K, N * 5 + K, [1, 3, 130, 1000], hopper_kernel)
 
 
+@pytest.mark.skipif(not HOPPER, reason="the Gluon decode kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("groups,stages", [(None, None), (1, None), (2, None), (4, 3)])
+@pytest.mark.parametrize("N,K", DEEPSEEK + [(576, 512), (200, 384), (130, 304), (256, 256)])
+def test_hopper_decode_kernel_against_float64(N, K, groups, stages):
+    """The one-launch linear for few tokens (x quantized inside): 1, 3, 9 and 16 tokens; K split in programs of the
+    rule's group count (uneven for K=1536), of 1, 2 (uneven for K=304 and 384) and 4 groups through a ring of 3
+    weight stages; K=304 ends in a partial group. Twice each: the split-K sum is deterministic, and its counters are
+    left at zero."""
+    def decode_kernel(x, w, ws, out, terms):
+        fp8.fp8_hopper.decode_linear(x, w, ws, out, terms, *fp8._workspace(x.device), groups=groups, stages=stages)
+        again = torch.full_like(out, float("nan"))
+        fp8.fp8_hopper.decode_linear(x, w, ws, again, terms, *fp8._workspace(x.device), groups=groups, stages=stages)
+        assert torch.equal(out, again), "two runs differ"
+        return f"decode {fp8.fp8_hopper.decode_variant(len(x), N, K, x.device, groups, stages)}"
+    against_float64(N, K, N * 3 + K, [1, 3, 9, 16], decode_kernel)
+    assert int(fp8._workspace(torch.device(DEVICE))[1].abs().sum()) == 0
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon decode kernel needs an sm_90 GPU")
+def test_fp8_linear_takes_the_decode_kernel_for_one_token():
+    """fp8_linear's dispatch: one token (two in one term) runs fp8_hopper's decode kernel, more run act_quant +
+    fp8_gemm; both agree to their bf16 output rounding."""
+    gen = torch.Generator().manual_seed(4)
+    w, ws = random_weight(7168, 2048, gen)
+    for M in (1, 2, 3):
+        x = random_x(M, 2048, gen)
+        for terms in (1, 2):
+            assert fp8.use_decode_kernel(x, w, terms) == (M * terms <= fp8.DECODE_ROWS), (M, terms)
+            y = fp8.fp8_linear(x, w, ws, terms)
+            ref = fp8.fp8_gemm(*fp8.act_quant(x, terms), w, ws, terms=terms)
+            assert rel(y.cpu(), ref.cpu().double()) <= EXACT_BOUND, (M, terms)
+
+
 def test_decode_sizes_never_take_the_prefill_kernel():
     """The prefill kernel gives each program a 128-token tile and all of K: a decode step (few tokens) must keep
     the split-K kernel, which spreads the weight stream over every SM; full prefill batches take it."""
@@ -124,9 +158,9 @@ def test_decode_sizes_never_take_the_prefill_kernel():
     assert all(fp8.hopper_consumers(M, 2) == 2 for M in (128, 4096, 6144))
 
 
-def test_a_prefill_kernel_that_does_not_build_falls_back_once(monkeypatch):
+def test_a_hopper_kernel_that_does_not_build_falls_back_once(monkeypatch):
     """A Triton whose Gluon API moved: the first call warns and reports False (fp8_gemm then runs the Triton kernel),
-    and the Hopper kernel is not tried again."""
+    and the Hopper kernels are not tried again; the decode kernel's failure gives fp8_linear the two-launch path."""
     calls = []
 
     def broken(*args):
@@ -134,9 +168,20 @@ def test_a_prefill_kernel_that_does_not_build_falls_back_once(monkeypatch):
         raise TypeError("async_copy_global_to_shared() got an unexpected keyword argument")
     monkeypatch.setattr(fp8, "fp8_hopper", type("Gluon", (), {"prefill_gemm": staticmethod(broken)}))
     monkeypatch.setattr(fp8, "_hopper_built", set())
-    with pytest.warns(UserWarning, match="does not build with Triton"):
+    with pytest.warns(UserWarning, match="do not build with Triton"):
         assert fp8._hopper_gemm(torch.empty(256, 128), None, None, None, None, 2) is False
     assert fp8.fp8_hopper is None and len(calls) == 1
+
+    gluon = type("Gluon", (), {"decode_linear": staticmethod(broken), "supported": staticmethod(lambda d: True),
+                               "decode_variant": staticmethod(lambda M, N, K, device: (1, 2, 2, 1))})
+    monkeypatch.setattr(fp8, "fp8_hopper", gluon)
+    gen = torch.Generator().manual_seed(5)
+    w, ws = random_weight(256, 256, gen)
+    x = random_x(1, 256, gen)
+    with pytest.warns(UserWarning, match="do not build with Triton"):
+        y = fp8.fp8_linear(x, w, ws, 2)
+    assert fp8.fp8_hopper is None and len(calls) == 2
+    assert torch.equal(y, fp8.fp8_gemm(*fp8.act_quant(x, 2), w, ws, terms=2))
 
 
 def test_every_split_and_tile_shape_agrees():

@@ -12,7 +12,6 @@ is enough): e.g. a scratch venv with `pip install triton==3.6.0 torch`. Writes t
 import re
 import subprocess
 import sys
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -24,15 +23,10 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime.jit import mangle_type
 
-ROOT = Path(__file__).resolve().parent.parent
+from fp8_only import fp8_hopper as H  # noqa: E402  (the runtime package would import ggml)
+
 OUT = Path("/tmp/fp8_hopper_sass")
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-
-# runtime/fp8*.py alone: the runtime package would import ggml
-pkg = types.ModuleType("runtime")
-pkg.__path__ = [str(ROOT / "runtime")]
-sys.modules["runtime"] = pkg
-from runtime import fp8_hopper as H  # noqa: E402
 
 
 def prefill(terms=2, stages=4, consumers=2, regs=None):

@@ -14,18 +14,12 @@ Imports runtime/fp8*.py without the runtime package, so that the machine needs n
 """
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-pkg = types.ModuleType("runtime")
-pkg.__path__ = [str(ROOT / "runtime")]
-sys.modules["runtime"] = pkg
-from runtime import fp8, fp8_hopper  # noqa: E402
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fp8_only import fp8, fp8_hopper  # noqa: E402  (first: before fp8_gemm imports runtime)
 import fp8_gemm as B  # noqa: E402
 
 dev = torch.device("cuda")

@@ -313,11 +313,11 @@ DECODE_ROWS = 2                  # rows of quantized x (tokens x terms) up to wh
 def use_decode_kernel(x: torch.Tensor, w: torch.Tensor, terms: int) -> bool:
     """Whether fp8_hopper's one-launch decode kernel takes this call: sm_90 and one token (or two in one term), where
     it beats act_quant + the split-K GEMM (H100, summed at M=1: 1.84x bf16 against 1.67x with one term, 1.80x
-    against 1.64x with two; it loses from 4 rows: BENCHMARKS.md); a K TMA can stride (a multiple of 16), contiguous
-    W, and a split-K that fits the shared workspace."""
+    against 1.64x with two; it loses from 4 rows: BENCHMARKS.md); W as TMA reads it (contiguous, 16-byte aligned, K
+    a multiple of 16), and a split-K that fits the shared workspace."""
     M, (N, K) = x.shape[0], w.shape
     if not (fp8_hopper and 0 < M * terms <= DECODE_ROWS and K % 16 == 0 and w.is_contiguous()
-            and fp8_hopper.supported(x.device)):
+            and w.data_ptr() % 16 == 0 and fp8_hopper.supported(x.device)):
         return False
     *_, split = fp8_hopper.decode_variant(M, N, K, x.device)
     return split * M * N <= WORKSPACE_FLOATS and triton.cdiv(N, 64) <= LOCKS

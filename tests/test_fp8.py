@@ -146,6 +146,21 @@ def test_fp8_linear_takes_the_decode_kernel_for_one_token():
             assert rel(y.cpu(), ref.cpu().double()) <= EXACT_BOUND, (M, terms)
 
 
+def test_decode_kernel_only_takes_weights_tma_can_read(monkeypatch):
+    """The decode kernel reads W through a TMA descriptor: a W that is not contiguous, not 16-byte aligned or whose K
+    is not a multiple of 16 keeps the two-launch path (a descriptor failing would switch the Hopper kernels off)."""
+    monkeypatch.setattr(fp8, "fp8_hopper", type("Gluon", (), {
+        "supported": staticmethod(lambda d: True),
+        "decode_variant": staticmethod(lambda M, N, K, device: (1, 4, 4, 2))}))
+    x = torch.ones(1, 256)
+    flat = torch.zeros(256 * 256 + 16, dtype=torch.float8_e4m3fn)
+    assert fp8.use_decode_kernel(x, flat[:256 * 256].view(256, 256), 2)
+    assert not fp8.use_decode_kernel(x, flat[1:256 * 256 + 1].view(256, 256), 2)           # 1 byte off
+    assert not fp8.use_decode_kernel(x, flat[:512 * 128].view(128, 512)[:, :256], 2)       # rows strided
+    assert not fp8.use_decode_kernel(torch.ones(1, 200), flat[:256 * 200].view(256, 200), 2)   # K % 16
+    assert not fp8.use_decode_kernel(torch.ones(2, 256), flat[:256 * 256].view(256, 256), 2)   # 4 rows
+
+
 def test_decode_sizes_never_take_the_prefill_kernel():
     """The prefill kernel gives each program a 128-token tile and all of K: a decode step (few tokens) must keep
     the split-K kernel, which spreads the weight stream over every SM; full prefill batches take it."""

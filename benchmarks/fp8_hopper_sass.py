@@ -49,7 +49,6 @@ def prefill(terms=2, stages=4, consumers=2, regs=None):
 
 def decode(terms=2, tokens=1, groups=8, stages=None):
     N, K = 7168, 7168
-    mq = 1 << (tokens - 1).bit_length()
     w = torch.empty(N, K, dtype=torch.float8_e4m3fn)
     w_layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
     args = dict(x_ptr=torch.empty(4, dtype=torch.bfloat16), w_desc=TensorDescriptor(w, [N, K], [K, 1], [64, 128],
@@ -57,9 +56,7 @@ def decode(terms=2, tokens=1, groups=8, stages=None):
                 ws_ptr=torch.empty(4), c_ptr=torch.empty(4, dtype=torch.bfloat16), part_ptr=torch.empty(4),
                 lock_ptr=torch.empty(4, dtype=torch.int32), M=tokens, N=N, K=K, n_groups=K // 128, stride_xm=K,
                 stride_cm=N, stride_wsn=K // 128)
-    rt = max(8, 1 << (groups * mq - 1).bit_length())
-    consts = dict(TERMS=terms, MQ=mq, RT=rt, GROUPS=groups, STAGES=stages or groups, SPLIT=2,
-                  XQ_LAYOUT=gl.NVMMASharedLayout.get_default_for([terms * rt, 128], gl.float8e4nv))
+    consts = H.decode_constants(terms, tokens, N, K, None, groups, stages or groups)     # K split in 56 / groups
     what = f"decode terms={terms} tokens={tokens} groups={groups} stages={stages or groups}"
     return H._decode_kernel, args, consts, dict(enable_fp_fusion=False), what
 

@@ -24,6 +24,8 @@ BENCHMARKS.md. The kernel builds with Triton 3.6's Gluon (`triton.experimental.g
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -310,6 +312,7 @@ def prefill_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
     return out
 
 
+@functools.lru_cache(maxsize=None)        # fp8.fp8_linear asks for it per call, to check and to key the build
 def decode_variant(tokens: int, N: int, K: int, device: torch.device, groups: int | None = None,
                    stages: int | None = None) -> tuple[int, int, int, int]:
     """(MQ, GROUPS, STAGES, SPLIT) of decode_linear, by a rule fitted to a sweep on an H100 (BENCHMARKS.md):
@@ -322,7 +325,7 @@ def decode_variant(tokens: int, N: int, K: int, device: torch.device, groups: in
     - SPLIT: programs along K."""
     mq = 1 << (tokens - 1).bit_length()
     n_groups = triton.cdiv(K, 128)
-    sms = sm_count(device)
+    sms = sm_count(device) if groups is None or stages is None else None     # (overrides need no GPU: the sass tool)
     if groups is None:
         groups = max(1, min(8, 16 // mq, 1 << (n_groups - 1).bit_length()))
         while groups > 4 and (n_groups % groups or triton.cdiv(N, 64) * (n_groups // groups) < 2 * sms):
@@ -333,6 +336,16 @@ def decode_variant(tokens: int, N: int, K: int, device: torch.device, groups: in
     return mq, groups, min(stages, groups), split
 
 
+def decode_constants(terms: int, tokens: int, N: int, K: int, device: torch.device | None, groups: int | None = None,
+                     stages: int | None = None) -> dict:
+    """_decode_kernel's compile-time arguments: decode_variant's, the rows RT of a term's block of x (a power of two,
+    8 at least: wgmma's N) and its shared-memory layout."""
+    mq, groups, stages, split = decode_variant(tokens, N, K, device, groups, stages)
+    rt = max(8, 1 << (groups * mq - 1).bit_length())
+    return dict(TERMS=terms, MQ=mq, RT=rt, GROUPS=groups, STAGES=stages, SPLIT=split,
+                XQ_LAYOUT=gl.NVMMASharedLayout.get_default_for([terms * rt, 128], gl.float8e4nv))
+
+
 def decode_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor, terms: int,
                   part: torch.Tensor, locks: torch.Tensor, groups: int | None = None,
                   stages: int | None = None) -> torch.Tensor:
@@ -341,13 +354,10 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: 
     caller checks it fits). `groups`, `stages` override decode_variant's rule."""
     M, K = x.shape
     N = w.shape[0]
-    mq, groups, stages, split = decode_variant(M, N, K, x.device, groups, stages)
-    rt = max(8, 1 << (groups * mq - 1).bit_length())
+    consts = decode_constants(terms, M, N, K, x.device, groups, stages)
     w_desc = TensorDescriptor(w, [N, K], [K, 1], [64, 128],
                               gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv))
-    _decode_kernel[(triton.cdiv(N, 64), split)](
+    _decode_kernel[(triton.cdiv(N, 64), consts["SPLIT"])](
         x, w_desc, w_scale, out, part, locks, M, N, K, triton.cdiv(K, 128), x.stride(0), out.stride(0),
-        w_scale.stride(0), TERMS=terms, MQ=mq, RT=rt, GROUPS=groups, STAGES=stages, SPLIT=split,
-        XQ_LAYOUT=gl.NVMMASharedLayout.get_default_for([terms * rt, 128], gl.float8e4nv), num_warps=4,
-        enable_fp_fusion=False)
+        w_scale.stride(0), **consts, num_warps=4, enable_fp_fusion=False)
     return out

@@ -18,7 +18,7 @@ keyed by the rows of quantized x (terms x tokens):
 - large M (prefill): `act_quant` once, then a plain tiled GEMM, grouped along M for L2 reuse; STEP 2 issues two
   128-K products per iteration before their scaled adds.
 On Hopper (sm_90), prefill-sized calls (`use_hopper_kernel`) go to fp8_hopper instead: a warp-specialized Gluon
-kernel that keeps the tensor cores busy during the scaled adds (1.26-1.40x this file's GEMM at 512-4096 tokens);
+kernel that keeps the tensor cores busy while it scales (H100: 1.4-1.6x this file's GEMM at 512-4096 tokens);
 and a decode step's single token (`use_decode_kernel`) takes fp8_hopper's one-launch linear, which quantizes x
 while its weight tiles stream in (no act_quant launch).
 Measurements and the goals they meet or miss: BENCHMARKS.md.
@@ -213,18 +213,30 @@ def config_for(M: int, N: int, K: int) -> Config:
 
 
 def use_hopper_kernel(M: int, N: int, K: int, terms: int) -> bool:
-    """Whether fp8_hopper's prefill kernel beats the Triton one (measured on an H200, BENCHMARKS.md): it takes 128 or
-    192 tokens x 128 outputs per program, so it needs a full M tile and enough tiles to fill the GPU (under ~64 a few
-    programs stream all of K alone, where split-K is faster); and with one term it loses on a short K (kv_b, 512)."""
+    """Whether fp8_hopper's prefill kernel beats the Triton one (measured on an H100, BENCHMARKS.md): it takes 128 to
+    256 tokens x 128 outputs per program, so it needs a full M tile and enough tiles to fill the GPU (under ~64 of
+    128 x 128 a few programs stream all of K alone, where split-K is faster)."""
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
-    return M >= 128 and tiles >= 64 and K % 16 == 0 and (terms == 2 or K >= 1024)
+    return M >= 128 and tiles >= 64 and K % 16 == 0
 
 
-def hopper_consumers(M: int, terms: int) -> int:
-    """Warpgroups of 64 rows per tile for fp8_hopper: 3 (192-row tiles, one term only) move 17% fewer bytes per
-    FLOP from L2 than 2, which measured 4% faster at 4096 tokens; take them unless they pad more than 5% extra rows
-    over 128-row tiles (at 512 tokens they pad 12% and lose 25%)."""
-    return 3 if terms == 1 and triton.cdiv(M, 192) * 192 <= 1.05 * triton.cdiv(M, 128) * 128 else 2
+# Rows a tile of each consumer count computes per unit of time, relative to four (one term, 4096 tokens, the dense
+# MLP's 18432 x 7168, whose tiles fill every wave: H100, BENCHMARKS.md): bigger tiles pull fewer bytes per FLOP.
+HOPPER_TILE_RATE = {2: 0.84, 3: 0.91, 4: 1.0}
+
+
+def hopper_consumers(M: int, N: int, terms: int, sms: int) -> int:
+    """Warpgroups of 64 rows per tile for fp8_hopper (two terms: 2, as their registers allow): the count whose waves
+    of tiles over the SMs take least time, each wave costing its tile's rows over the tile's rate. Wave quantization
+    decides it where tiles are few: 2112 x 7168 at 4096 tokens is 272 tiles of 256 rows (a third wave 6% full)
+    against 374 of 192 (three full waves), measured 141 against 126 us."""
+    if terms == 2:
+        return 2
+
+    def cost(c):
+        waves = triton.cdiv(triton.cdiv(M, 64 * c) * triton.cdiv(N, 128), sms)
+        return waves * 64 * c / HOPPER_TILE_RATE[c]
+    return min(HOPPER_TILE_RATE, key=cost)
 
 
 _hopper_built: set = set()
@@ -249,8 +261,9 @@ def _hopper_call(variant: tuple, call) -> bool:
 
 
 def _hopper_gemm(a, a_scale, w, w_scale, out, terms) -> bool:
-    variant = ("prefill", terms, hopper_consumers(len(a) // terms, terms))
-    return _hopper_call(variant, lambda: fp8_hopper.prefill_gemm(a, a_scale, w, w_scale, out, *variant[1:]))
+    consumers = hopper_consumers(len(a) // terms, len(w), terms, fp8_hopper.sm_count(a.device))
+    variant = ("prefill", terms, consumers, fp8_hopper.tma_writable(out))           # each a build of its own
+    return _hopper_call(variant, lambda: fp8_hopper.prefill_gemm(a, a_scale, w, w_scale, out, terms, consumers))
 
 
 def _workspace(device: torch.device):

@@ -8,13 +8,16 @@ Issuing the next group's wgmma before scaling the last one does not help: ptxas 
 registers other instructions read while a later one is in flight (warning C7514).
 
 So the work is split by warps (warp specialization), as in DeepGEMM: a producer warp TMA-loads each group's x and
-weight tiles into a ring of STAGES shared-memory stages, and two or three consumer warpgroups each own 64 rows of a
-128x128 or 192x128 output tile. A consumer issues its wgmmas, waits for them, frees the stage, then scales and adds;
-the consumers run out of step, so one's wgmmas fill the tensor cores while another adds. The grid is persistent (one
-program per SM walking the tiles, grouped along M for L2 reuse), so the producer loads the next tile while the
-consumers store. Three consumers (one term only: 160 registers a thread, where two terms need ~200) share each weight
-tile among 192 rows: 17% fewer bytes pulled from L2 per FLOP, which looks like the limit at large M (every variant
-measured moves 6.3-7.3 TB/s from L2 to the SMs; BENCHMARKS.md). Which count runs: fp8.hopper_consumers.
+weight tiles into a ring of STAGES shared-memory stages, and two to four consumer warpgroups each own 64 rows of a
+128-, 192- or 256-row x 128 output tile. A consumer keeps its sum in units of the current group's scale (_consumer's
+docstring), so wgmma accumulates into the sum itself and the sum is its only register tile: 64 registers a thread,
+which lets four consumers fit. It issues its wgmmas, waits for them, frees the stage, then rescales; the consumers
+run out of step, so one's wgmmas fill the tensor cores while another rescales. The grid is persistent (one program
+per SM walking the tiles, grouped along M for L2 reuse), so the producer loads the next tile while the consumers
+store, and the output leaves through shared memory by TMA, which runs on under the next tile's wgmmas (stored from
+registers, short K ran at half the speed: there the output is most of the bytes). Bigger tiles pull fewer bytes
+from L2 per FLOP, which looks like the limit at large M (every variant measured moves 6-7 TB/s from L2 to the SMs;
+BENCHMARKS.md); which count runs, per shape: fp8.hopper_consumers.
 
 With two activation terms each group feeds the weight tile in shared memory to two products (the terms' x tiles,
 rows t::2 of the quantized x, by two TMA descriptors), each with its own scale, so the weights are read once and the
@@ -74,18 +77,36 @@ def _producer(a0_desc, a1_desc, w_desc, a0_bufs, a1_bufs, w_bufs, ready, empty, 
 
 
 @gluon.jit
-def _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m,
-              n_groups, stride_cm, stride_wsn, WG: gl.constexpr):
-    """One warpgroup: rows [64 WG, 64 WG + 64) of each tile. Per group: a wgmma per term, wait, free the stage,
-    then the scaled adds, during which the other warpgroups' wgmmas keep the tensor cores busy."""
+def _store_tile(tile, c_desc, buf, row, col):
+    """A warpgroup's tile to global memory by TMA, through its shared-memory buffer (free once the last store left)."""
+    tma.store_wait(0)                       # (only the thread that issued the last store waits here)
+    gl.thread_barrier()
+    buf.store(tile)
+    fence_async_shared()
+    gl.thread_barrier()
+    tma.async_copy_shared_to_global(c_desc, [row, col], buf)
+
+
+@gluon.jit
+def _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_desc, c_bufs, M, N, tiles_m, tiles_n,
+              group_m, n_groups, stride_cm, stride_wsn, WG: gl.constexpr):
+    """One warpgroup: rows [64 WG, 64 WG + 64) of each tile. Per group: a wgmma per term into the term's running sum,
+    wait, free the stage, then rescale the sum, during which the other warpgroups' wgmmas keep the tensor cores busy.
+
+    The sum is kept in units of the current group's scale s_g (per row: s_x * s_w): after group g it holds
+    sum_j<=g P_j s_j / s_g, so the next group's wgmma accumulates straight into it once it is multiplied by
+    s_g / s_g+1 (online, as flash attention rescales its softmax sum). No separate product tile: half the registers
+    of `acc += P * s`, which is what lets four warpgroups (256-row tiles) fit. After the last group the factor is s_g
+    itself (the next scales read as 1), so the sum leaves in true units. Rounding: one fp32 multiply per group, as
+    the scaled add had."""
     STAGES: gl.constexpr = w_bufs.shape[0]
     TERMS: gl.constexpr = 2 if a1_bufs.shape[0] > 1 else 1
     CONSUMERS: gl.constexpr = a0_bufs.shape[0] // STAGES
     BN: gl.constexpr = w_bufs.shape[1]
+    TMA_STORE: gl.constexpr = c_bufs.shape[0] == CONSUMERS
+    SCALE_FLOOR: gl.constexpr = 2.0 ** -100
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
     zeros = gl.zeros((64, BN), gl.float32, layout)
-    x0 = zeros
-    x1 = zeros
     step = 0
     for t in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
         off_m, pid_n = _tile(t, tiles_m, tiles_n, group_m, 64 * CONSUMERS)
@@ -94,72 +115,107 @@ def _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, 
         row_ok = rows < M
         sa_rows = as_ptr + rows * TERMS * n_groups
         ws_row = ws_ptr + (pid_n * BN // 128) * stride_wsn      # BN divides 128: one weight scale per group
-        # scales are loaded a group ahead: their latency hides behind a group's wgmmas
+        # scales are loaded a group ahead: their latency hides behind a group's wgmmas. Rows past M read 1, and
+        # every scale is at least 2^-100: a zero weight scale (an all-zero block) must not make the units 0. Its
+        # group then adds its product times 2^-100, and the sum (in units of 2^-100) stays finite below ~2e8.
         sw = gl.load(ws_row)
-        s0 = gl.load(sa_rows, mask=row_ok, other=0.0) * sw
-        s1 = gl.load(sa_rows + (TERMS - 1) * n_groups, mask=row_ok, other=0.0) * sw
-        acc = zeros
+        s0 = gl.maximum(gl.load(sa_rows, mask=row_ok, other=1.0) * sw, SCALE_FLOOR)
+        s1 = gl.maximum(gl.load(sa_rows + (TERMS - 1) * n_groups, mask=row_ok, other=1.0) * sw, SCALE_FLOOR)
+        acc0 = zeros
+        acc1 = zeros
+        r0 = gl.full_like(s0, 1.0)          # the factor that brings the sum to this group's units
+        r1 = r0
         for g in range(n_groups):
             more = g + 1 < n_groups
-            sw_next = gl.load(ws_row + g + 1, mask=more, other=0.0)
-            s0_next = gl.load(sa_rows + g + 1, mask=row_ok & more, other=0.0)
+            sw_next = gl.load(ws_row + g + 1, mask=more, other=1.0)
+            s0_next = gl.maximum(gl.load(sa_rows + g + 1, mask=row_ok & more, other=1.0) * sw_next, SCALE_FLOOR)
             s = step % STAGES
             mbarrier.wait(ready.index(s), (step // STAGES) & 1)
             w = w_bufs.index(s).permute((1, 0))
-            x0 = warpgroup_mma(a0_bufs.index(s * CONSUMERS + WG), w, x0, use_acc=False, is_async=True)
+            # rescaled just before the wgmma that reads it (after the wait, the copies Triton makes of a sum that is
+            # rescaled in place read registers of the wgmma in flight, and ptxas serializes them all: C7514)
+            acc0 = acc0 * r0[:, None]
+            if TERMS == 2:      # both rescaled before either wgmma: ptxas waits out a wgmma before any rescale
+                acc1 = acc1 * r1[:, None]
+            acc0 = warpgroup_mma(a0_bufs.index(s * CONSUMERS + WG), w, acc0, is_async=True)
             if TERMS == 2:
-                s1_next = gl.load(sa_rows + n_groups + g + 1, mask=row_ok & more, other=0.0)
-                x1 = warpgroup_mma(a1_bufs.index(s * CONSUMERS + WG), w, x1, use_acc=False, is_async=True)
-                x0, x1 = warpgroup_mma_wait(0, deps=(x0, x1))
+                s1_next = gl.maximum(gl.load(sa_rows + n_groups + g + 1, mask=row_ok & more, other=1.0) * sw_next,
+                                     SCALE_FLOOR)
+                acc1 = warpgroup_mma(a1_bufs.index(s * CONSUMERS + WG), w, acc1, is_async=True)
+                acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
+                r1 = s1 / s1_next
+                s1 = s1_next
             else:
-                s1_next = s0_next
-                x0 = warpgroup_mma_wait(0, deps=(x0, ))
+                acc0 = warpgroup_mma_wait(0, deps=(acc0, ))
             mbarrier.arrive(empty.index(s), count=1)
-            acc += x0 * s0[:, None]
-            if TERMS == 2:
-                acc += x1 * s1[:, None]
-            s0 = s0_next * sw_next
-            s1 = s1_next * sw_next
+            r0 = s0 / s0_next
+            s0 = s0_next
             step += 1
-        c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :]
-        gl.store(c_ptrs, acc.to(gl.bfloat16), mask=row_ok[:, None] & (cols < N)[None, :])
+        acc0 = acc0 * r0[:, None]
+        if TERMS == 2:
+            acc0 += acc1 * r1[:, None]
+        if TMA_STORE:       # through shared memory: the store runs on while the next tile's wgmmas do
+            out = acc0.to(gl.bfloat16)
+            if c_bufs.shape[2] == BN:
+                _store_tile(out, c_desc, c_bufs.index(WG), off_m + 64 * WG, pid_n * BN)
+            else:           # in two column halves through a buffer half the size (room for another stage)
+                lo, hi = gl.split(gl.permute(gl.reshape(out, [64, 2, BN // 2]), (0, 2, 1)))
+                _store_tile(lo, c_desc, c_bufs.index(WG), off_m + 64 * WG, pid_n * BN)
+                _store_tile(hi, c_desc, c_bufs.index(WG), off_m + 64 * WG, pid_n * BN + BN // 2)
+        else:
+            c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :]
+            gl.store(c_ptrs, acc0.to(gl.bfloat16), mask=row_ok[:, None] & (cols < N)[None, :])
+    if TMA_STORE:
+        tma.store_wait(0)
 
 
 # One wrapper per consumer warpgroup: a partition's function takes no constexpr arguments, and the warpgroup's index
 # must be one (it picks the slab and the rows at compile time).
 @gluon.jit
-def _consumer0(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m,
-               n_groups, stride_cm, stride_wsn):
-    _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m, n_groups,
-              stride_cm, stride_wsn, 0)
+def _consumer0(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_desc, c_bufs, M, N, tiles_m,
+               tiles_n, group_m, n_groups, stride_cm, stride_wsn):
+    _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_desc, c_bufs, M, N, tiles_m, tiles_n,
+              group_m, n_groups, stride_cm, stride_wsn, 0)
 
 
 @gluon.jit
-def _consumer1(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m,
-               n_groups, stride_cm, stride_wsn):
-    _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m, n_groups,
-              stride_cm, stride_wsn, 1)
+def _consumer1(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_desc, c_bufs, M, N, tiles_m,
+               tiles_n, group_m, n_groups, stride_cm, stride_wsn):
+    _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_desc, c_bufs, M, N, tiles_m, tiles_n,
+              group_m, n_groups, stride_cm, stride_wsn, 1)
 
 
 @gluon.jit
-def _consumer2(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m,
-               n_groups, stride_cm, stride_wsn):
-    _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, M, N, tiles_m, tiles_n, group_m, n_groups,
-              stride_cm, stride_wsn, 2)
+def _consumer2(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_desc, c_bufs, M, N, tiles_m,
+               tiles_n, group_m, n_groups, stride_cm, stride_wsn):
+    _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_desc, c_bufs, M, N, tiles_m, tiles_n,
+              group_m, n_groups, stride_cm, stride_wsn, 2)
 
 
 @gluon.jit
-def _prefill_kernel(a0_desc, a1_desc, w_desc, as_ptr, ws_ptr, c_ptr, M, N, n_groups, stride_cm, stride_wsn,
+def _consumer3(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_desc, c_bufs, M, N, tiles_m,
+               tiles_n, group_m, n_groups, stride_cm, stride_wsn):
+    _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_desc, c_bufs, M, N, tiles_m, tiles_n,
+              group_m, n_groups, stride_cm, stride_wsn, 3)
+
+
+@gluon.jit
+def _prefill_kernel(a0_desc, a1_desc, w_desc, as_ptr, ws_ptr, c_ptr, c_desc, M, N, n_groups, stride_cm, stride_wsn,
                     TERMS: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-    """Persistent: program p takes output tiles p, p + programs, ... of 64 * CONSUMERS rows x BN columns."""
+                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TMA_STORE: gl.constexpr):
+    """Persistent: program p takes output tiles p, p + programs, ... of 64 * CONSUMERS rows x BN columns. Four
+    consumers with one term only (two terms hold two sums: 128 registers a thread, which only two consumers have)."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     gl.static_assert(a0_desc.block_type.shape[0] == 64 and a0_desc.block_type.shape[1] == 128)
-    gl.static_assert(CONSUMERS == 2 or (CONSUMERS == 3 and TERMS == 1))
+    gl.static_assert(CONSUMERS >= 2 and CONSUMERS <= 4 and (CONSUMERS < 4 or TERMS == 1))
     a0_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * CONSUMERS, 64, 128], a0_desc.layout)
     a1_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * CONSUMERS if TERMS == 2 else 1, 64, 128],
                                         a0_desc.layout)       # with one term, one unused slab (TERMS for partitions)
     w_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, 128], w_desc.layout)
+    # a warpgroup's output tile (or half of it), bf16, on its way out by TMA (one unused slab without: TMA_STORE for
+    # the partitions)
+    c_bufs = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS if TMA_STORE else 1, 64, c_desc.block_type.shape[1]],
+                                       c_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -171,10 +227,14 @@ def _prefill_kernel(a0_desc, a1_desc, w_desc, as_ptr, ws_ptr, c_ptr, M, N, n_gro
     tiles_n = gl.to_tensor(gl.cdiv(N, BN))
     group_m = gl.to_tensor(GROUP_M)
     n_groups = gl.to_tensor(n_groups)
-    consumer = (a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, gl.to_tensor(M), gl.to_tensor(N),
-                tiles_m, tiles_n, group_m, n_groups, gl.to_tensor(stride_cm), gl.to_tensor(stride_wsn))
+    consumer = (a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_desc, c_bufs, gl.to_tensor(M),
+                gl.to_tensor(N), tiles_m, tiles_n, group_m, n_groups, gl.to_tensor(stride_cm), gl.to_tensor(stride_wsn))
     producer = (a0_desc, a1_desc, w_desc, a0_bufs, a1_bufs, w_bufs, ready, empty, tiles_m, tiles_n, group_m, n_groups)
-    if CONSUMERS == 3:
+    if CONSUMERS == 4:
+        gl.warp_specialize([(_consumer0, consumer), (_consumer1, consumer), (_consumer2, consumer),
+                            (_consumer3, consumer), (_producer, producer)], [4, 4, 4, 1],
+                           [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+    elif CONSUMERS == 3:
         gl.warp_specialize([(_consumer0, consumer), (_consumer1, consumer), (_consumer2, consumer),
                             (_producer, producer)], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
     else:
@@ -290,25 +350,39 @@ def supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
+def tma_writable(out: torch.Tensor) -> bool:
+    """Whether TMA can store into out: rows contiguous, 16-byte aligned start and row stride."""
+    return out.stride(1) == 1 and out.stride(0) * out.element_size() % 16 == 0 and out.data_ptr() % 16 == 0
+
+
 def prefill_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor,
                  terms: int, consumers: int = 2, BN: int = 128, stages: int = 4, group_m: int = 8,
-                 consumer_regs: int | None = None):
+                 consumer_regs: int | None = None, tma_store: bool | None = None, half_store: bool | None = None):
     """a (terms * M, K) e4m3, token m's terms in rows terms*m + t; a_scale (terms * M, ceil(K/128)); w (N, K) e4m3,
-    w_scale (ceil(N/128), ceil(K/128)) -> out (M, N) bf16. Tiles of 64 * consumers rows (3 with one term only)."""
+    w_scale (ceil(N/128), ceil(K/128)) -> out (M, N) bf16. Tiles of 64 * consumers rows (4 with one term only).
+    The output leaves by TMA where it can (tma_writable), else by plain stores; with four consumers in two column
+    halves (half_store), which leaves shared memory for a fourth stage."""
     MA, K = a.shape
     N, M = w.shape[0], MA // terms
     n_groups = triton.cdiv(K, 128)
-    if consumer_regs is None:        # what the register file allows: 232 a thread for two consumers, 160 for three
-        consumer_regs = 232 if consumers == 2 else 160
+    tma_store = tma_writable(out) if tma_store is None else tma_store
+    half_store = consumers == 4 if half_store is None else half_store
+    if consumer_regs is None:        # what the register file allows beside the producer's 40 (it counts as 128 threads)
+        consumer_regs = {2: 232, 3: 160, 4: 112}[consumers]
     a_layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
     w_layout = gl.NVMMASharedLayout.get_default_for([BN, 128], gl.float8e4nv)
+    store_cols = BN // 2 if half_store else BN
+    c_layout = gl.NVMMASharedLayout.get_default_for([64, store_cols], gl.bfloat16)
     view = a.view(M, terms, K)
     a_descs = [TensorDescriptor(view[:, t], [M, K], [terms * K, 1], [64, 128], a_layout) for t in range(terms)]
     w_desc = TensorDescriptor(w, [N, K], [K, 1], [BN, 128], w_layout)
+    c = out if tma_store else torch.empty(64, BN, dtype=torch.bfloat16, device=out.device)   # (unused without)
+    c_desc = TensorDescriptor(c, list(c.shape), [c.stride(0), 1], [64, store_cols], c_layout)
     grid = (min(triton.cdiv(M, 64 * consumers) * triton.cdiv(N, BN), sm_count(a.device)), )
-    _prefill_kernel[grid](a_descs[0], a_descs[-1], w_desc, a_scale, w_scale, out, M, N, n_groups, out.stride(0),
-                          w_scale.stride(0), TERMS=terms, CONSUMERS=consumers, STAGES=stages, GROUP_M=group_m,
-                          CONSUMER_REGS=consumer_regs, PRODUCER_REGS=40, num_warps=4)
+    _prefill_kernel[grid](a_descs[0], a_descs[-1], w_desc, a_scale, w_scale, out, c_desc, M, N, n_groups,
+                          out.stride(0), w_scale.stride(0), TERMS=terms, CONSUMERS=consumers, STAGES=stages,
+                          GROUP_M=group_m, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=40, TMA_STORE=tma_store,
+                          num_warps=4)
     return out
 
 

@@ -3,8 +3,8 @@ Build one of runtime/fp8_hopper.py's kernels for sm_90a on a machine without a G
 (registers, spills, and C7514-style warnings that it serialized the wgmmas) and a count of the SASS instructions
 that matter (QGMMA, WARPGROUP.ARRIVE / DEPBAR, BAR.SYNC, TMA loads).
 
-    python benchmarks/fp8_hopper_sass.py [terms 1|2] [stages] [consumers 2-4] [consumer regs] [tma store 0|1]
-                                                  (default 2 4 2 232 1)
+    python benchmarks/fp8_hopper_sass.py [terms 1|2] [stages] [consumers 2|3] [consumer regs] [tma store 0|1] [BN]
+                                                  (default 2 4 2 232 1 128)
 
 Needs Triton 3.6 (the Gluon API the kernel was written for; its wheel carries ptxas and cuobjdump) and torch (CPU
 is enough): e.g. a scratch venv with `pip install triton==3.6.0 torch`. Writes the PTX, cubin and SASS to
@@ -30,25 +30,25 @@ OUT = Path("/tmp/fp8_hopper_sass")
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def prefill(terms=2, stages=4, consumers=2, regs=None, tma_store=1):
-    store_cols = 64 if consumers == 4 else 128         # as prefill_gemm: four consumers store in column halves
-    regs = regs or {2: 232, 3: 160, 4: 112}[consumers]
+def prefill(terms=2, stages=4, consumers=2, regs=None, tma_store=1, BN=128):
+    store_cols = 128                               # as prefill_gemm: 256 columns store in halves
+    regs = regs or {2: 232, 3: 160}[consumers]
     M, N, K = 4096, 7168, 7168
     a = torch.empty(terms * M, K, dtype=torch.float8_e4m3fn)
     w = torch.empty(N, K, dtype=torch.float8_e4m3fn)
-    layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e4nv)
+    layout = gl.NVMMASharedLayout.get_default_for([BN, 128], gl.float8e4nv)
     view = a.view(M, terms, K)
     a_layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
     a_descs = [TensorDescriptor(view[:, t], [M, K], [terms * K, 1], [64, 128], a_layout) for t in range(terms)]
     args = dict(a0_desc=a_descs[0], a1_desc=a_descs[-1],
-                w_desc=TensorDescriptor(w, [N, K], [K, 1], [128, 128], layout), as_ptr=torch.empty(4),
+                w_desc=TensorDescriptor(w, [N, K], [K, 1], [BN, 128], layout), as_ptr=torch.empty(4),
                 ws_ptr=torch.empty(4), c_ptr=torch.empty(4, dtype=torch.bfloat16), M=M, N=N, n_groups=K // 128,
                 c_desc=TensorDescriptor(torch.empty(M, N, dtype=torch.bfloat16), [M, N], [N, 1], [64, store_cols],
                                         gl.NVMMASharedLayout.get_default_for([64, store_cols], gl.bfloat16)),
                 stride_cm=N, stride_wsn=K // 128)
     consts = dict(TERMS=terms, CONSUMERS=consumers, STAGES=stages, GROUP_M=8, CONSUMER_REGS=regs, PRODUCER_REGS=40,
                   TMA_STORE=bool(tma_store))
-    what = f"prefill terms={terms} stages={stages} consumers={consumers} regs={regs} tma_store={tma_store}"
+    what = f"prefill terms={terms} stages={stages} consumers={consumers} regs={regs} tma_store={tma_store} BN={BN}"
     return H._prefill_kernel, args, consts, {}, what
 
 

@@ -4,14 +4,15 @@ torch.matmul and torch._scaled_mm with blockwise scales, at 128 to 4096 tokens o
 
     python benchmarks/fp8_prefill.py          (on an H100/H200; about 2 minutes)
 
-First checks it: every consumer count, one and two terms, several shapes (N and K not multiples of 128, N whose
+First checks it: every tile, one and two terms, several shapes (N and K not multiples of 128, N whose
 rows TMA cannot store) and M, x whose rows and groups span orders of magnitude (a zero row, a group of tiny values),
 a weight block scaled 1e4 above its neighbours, outputs poisoned with NaN, against a float64 product of the
 dequantized operands, both called directly and through fp8.fp8_gemm's dispatch. Then times the GEMMs alone on
-quantized x with fp8_gemm.py's harness (CUDA graphs cycling through weights over 3x the L2, medians): c2/c3/c4 = one
-term in tiles of 128/192/256 rows (2/3/4 consumer warpgroups), c2 t2 = two terms; triton1/triton2 = fp8's own kernel
-with the shipped table; runtime1/runtime2 = what fp8.fp8_gemm picks per shape (use_hopper_kernel, then
-hopper_consumers). Prints per-shape microseconds (and TFLOP/s) and the sums with their ratios.
+quantized x with fp8_gemm.py's harness (CUDA graphs cycling through weights over 3x the L2, medians): c2/c3 = one
+term in tiles of 128/192 rows x 128 columns (2/3 consumer warpgroups), n256 = one term in 128 x 256 tiles, c2 t2 =
+two terms; triton1/triton2 = fp8's own kernel with the shipped table; runtime1/runtime2 = what
+fp8.fp8_gemm picks per shape (use_hopper_kernel, then hopper_tile). Prints per-shape microseconds (and TFLOP/s)
+and the sums with their ratios.
 Imports runtime/fp8*.py without the runtime package, so that the machine needs no ggml build.
 """
 import sys
@@ -26,7 +27,8 @@ import fp8_gemm as B  # noqa: E402
 
 dev = torch.device("cuda")
 t0 = time.time()
-VARIANTS = {"c2": (1, 2), "c3": (1, 3), "c4": (1, 4), "c2 t2": (2, 2)}       # name: (terms, consumers)
+# name: (terms, consumers, columns)
+VARIANTS = {"c2": (1, 2, 128), "c3": (1, 3, 128), "n256": (1, 2, 256), "c2 t2": (2, 2, 128)}
 
 print("== correctness (rel. error vs float64 of the dequantized operands; NaN-poisoned outputs)")
 gen = torch.Generator(device=dev).manual_seed(1)
@@ -44,8 +46,8 @@ for (N, K) in [(576, 7168), (200, 384), (7168, 2048), (2112, 7168), (130, 304)]:
         for terms in (1, 2):
             q, s = fp8.act_quant(x, terms)
             ref = B.ref64(q, s, w, ws, terms)
-            runs = {name: lambda out, c=c: fp8_hopper.prefill_gemm(q, s, w, ws, out, terms, consumers=c)
-                    for name, (t, c) in VARIANTS.items() if t == terms}
+            runs = {name: lambda out, c=c, bn=bn: fp8_hopper.prefill_gemm(q, s, w, ws, out, terms, c, bn)
+                    for name, (t, c, bn) in VARIANTS.items() if t == terms}
             runs[f"dispatch{terms}"] = lambda out: fp8.fp8_gemm(q, s, w, ws, out=out, terms=terms)
             for name, run in runs.items():
                 out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=dev)
@@ -60,12 +62,12 @@ print("== speed, GEMM alone on quantized x (us)")
 cases = {name: B.Case(*nk) for name, nk in B.SHAPES.items()}
 
 
-def time_hopper(case, M, terms, consumers):
+def time_hopper(case, M, terms, consumers, columns):
     q, s = fp8.act_quant(B.x_for(M, case.K), terms)
     out = torch.empty(M, case.N, dtype=torch.bfloat16, device=dev)
     r = len(case.w)
     return B.graph_time(lambda i: fp8_hopper.prefill_gemm(q, s, case.w[i % r], case.ws[i % r], out, terms,
-                                                          consumers=consumers), case.calls())
+                                                          consumers, columns), case.calls())
 
 
 summary = []
@@ -73,8 +75,8 @@ for M in (4096, 1024, 512, 128):
     tot = {}
     for name, case in cases.items():
         t = {"bf16": B.time_bf16(case, M), "smm": B.time_scaled_mm(case, M)[0] or float("nan")}
-        for v, (terms, c) in VARIANTS.items():
-            t[v] = time_hopper(case, M, terms, c)
+        for v, (terms, c, bn) in VARIANTS.items():
+            t[v] = time_hopper(case, M, terms, c, bn)
         for terms in (1, 2):            # an explicit config: the Triton kernel, whatever the M
             t[f"triton{terms}"] = B.time_ours(case, M, fp8.config_for(terms * M, case.N, case.K), True, terms)
             t[f"runtime{terms}"] = B.time_ours(case, M, prequant=True, terms=terms)
@@ -82,7 +84,8 @@ for M in (4096, 1024, 512, 128):
             tot[k] = tot.get(k, 0) + v
         fl = 2 * M * case.N * case.K
         print(f"M={M} {name:14s} " + " ".join(f"{k} {v * 1e6:.1f}" for k, v in t.items()) + " | TFLOP/s " +
-              " ".join(f"{k} {fl / t[k] / 1e12:.0f}" for k in ("smm", "c2", "c3", "c4", "runtime1")), flush=True)
+              " ".join(f"{k} {fl / t[k] / 1e12:.0f}" for k in ("smm", "c2", "c3", "n256", "runtime1")),
+              flush=True)
     summary.append((M, tot))
 print(f"({time.time() - t0:.0f}s)")
 for M, tot in summary:

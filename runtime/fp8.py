@@ -18,7 +18,7 @@ keyed by the rows of quantized x (terms x tokens):
 - large M (prefill): `act_quant` once, then a plain tiled GEMM, grouped along M for L2 reuse; STEP 2 issues two
   128-K products per iteration before their scaled adds.
 On Hopper (sm_90), prefill-sized calls (`use_hopper_kernel`) go to fp8_hopper instead: a warp-specialized Gluon
-kernel that keeps the tensor cores busy while it scales (H100: 1.4-1.6x this file's GEMM at 512-4096 tokens);
+kernel that keeps the tensor cores busy while it scales (H100: 1.6-1.8x this file's GEMM at 512-4096 tokens);
 and a decode step's single token (`use_decode_kernel`) takes fp8_hopper's one-launch linear, which quantizes x
 while its weight tiles stream in (no act_quant launch).
 Measurements and the goals they meet or miss: BENCHMARKS.md.
@@ -214,29 +214,32 @@ def config_for(M: int, N: int, K: int) -> Config:
 
 def use_hopper_kernel(M: int, N: int, K: int, terms: int) -> bool:
     """Whether fp8_hopper's prefill kernel beats the Triton one (measured on an H100, BENCHMARKS.md): it takes 128 to
-    256 tokens x 128 outputs per program, so it needs a full M tile and enough tiles to fill the GPU (under ~64 of
-    128 x 128 a few programs stream all of K alone, where split-K is faster)."""
+    256 tokens x 128 or 256 outputs per program, so it needs a full M tile and enough tiles to fill the GPU (under
+    ~64 of 128 x 128 a few programs stream all of K alone, where split-K is faster)."""
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
     return M >= 128 and tiles >= 64 and K % 16 == 0
 
 
-# Rows a tile of each consumer count computes per unit of time, relative to four (one term, 4096 tokens, the dense
-# MLP's 18432 x 7168, whose tiles fill every wave: H100, BENCHMARKS.md): bigger tiles pull fewer bytes per FLOP.
-HOPPER_TILE_RATE = {2: 0.84, 3: 0.91, 4: 1.0}
+# fp8_hopper's tiles, (consumer warpgroups of 64 rows, columns), and the FLOPs each computes per unit of time where
+# its waves are full, relative to 128 x 256 (one term, 4096 tokens, H100: BENCHMARKS.md). Bigger tiles pull fewer
+# bytes from L2 per FLOP, and 256 columns run one m64n256 wgmma a group, which reads shared memory less per FLOP.
+HOPPER_TILES = {(2, 128): 0.78, (3, 128): 0.84, (2, 256): 1.0}
 
 
-def hopper_consumers(M: int, N: int, terms: int, sms: int) -> int:
-    """Warpgroups of 64 rows per tile for fp8_hopper (two terms: 2, as their registers allow): the count whose waves
-    of tiles over the SMs take least time, each wave costing its tile's rows over the tile's rate. Wave quantization
-    decides it where tiles are few: 2112 x 7168 at 4096 tokens is 272 tiles of 256 rows (a third wave 6% full)
-    against 374 of 192 (three full waves), measured 141 against 126 us."""
+def hopper_tile(M: int, N: int, terms: int, sms: int) -> tuple[int, int]:
+    """(consumers, columns) of fp8_hopper's tiles for this shape: with one term, the tile whose waves over the SMs
+    take least time, a wave costing its tile's size over the tile's rate; two terms: 128 x 128 (they hold two sums:
+    only two consumers of 128 columns have the registers). Wave quantization decides it where tiles are few: 2112 x
+    7168 at 4096 tokens is 288 tiles of 128 x 256 (a third wave 18% full) against 374 of 192 x 128 (three full
+    waves), measured 144 against 134 us."""
     if terms == 2:
-        return 2
+        return 2, 128
 
-    def cost(c):
-        waves = triton.cdiv(triton.cdiv(M, 64 * c) * triton.cdiv(N, 128), sms)
-        return waves * 64 * c / HOPPER_TILE_RATE[c]
-    return min(HOPPER_TILE_RATE, key=cost)
+    def cost(tile):
+        consumers, columns = tile
+        waves = triton.cdiv(triton.cdiv(M, 64 * consumers) * triton.cdiv(N, columns), sms)
+        return waves * 64 * consumers * columns / HOPPER_TILES[tile]
+    return min(HOPPER_TILES, key=cost)
 
 
 _hopper_built: set = set()
@@ -261,9 +264,10 @@ def _hopper_call(variant: tuple, call) -> bool:
 
 
 def _hopper_gemm(a, a_scale, w, w_scale, out, terms) -> bool:
-    consumers = hopper_consumers(len(a) // terms, len(w), terms, fp8_hopper.sm_count(a.device))
-    variant = ("prefill", terms, consumers, fp8_hopper.tma_writable(out))           # each a build of its own
-    return _hopper_call(variant, lambda: fp8_hopper.prefill_gemm(a, a_scale, w, w_scale, out, terms, consumers))
+    consumers, columns = hopper_tile(len(a) // terms, len(w), terms, fp8_hopper.sm_count(a.device))
+    variant = ("prefill", terms, consumers, columns, fp8_hopper.tma_writable(out))      # each a build of its own
+    return _hopper_call(variant, lambda: fp8_hopper.prefill_gemm(a, a_scale, w, w_scale, out, terms, consumers,
+                                                                 columns))
 
 
 def _workspace(device: torch.device):

@@ -8,16 +8,18 @@ Issuing the next group's wgmma before scaling the last one does not help: ptxas 
 registers other instructions read while a later one is in flight (warning C7514).
 
 So the work is split by warps (warp specialization), as in DeepGEMM: a producer warp TMA-loads each group's x and
-weight tiles into a ring of STAGES shared-memory stages, and two to four consumer warpgroups each own 64 rows of a
-128-, 192- or 256-row x 128 output tile. A consumer keeps its sum in units of the current group's scale (_consumer's
-docstring), so wgmma accumulates into the sum itself and the sum is its only register tile: 64 registers a thread,
-which lets four consumers fit. It issues its wgmmas, waits for them, frees the stage, then rescales; the consumers
-run out of step, so one's wgmmas fill the tensor cores while another rescales. The grid is persistent (one program
-per SM walking the tiles, grouped along M for L2 reuse), so the producer loads the next tile while the consumers
-store, and the output leaves through shared memory by TMA, which runs on under the next tile's wgmmas (stored from
-registers, short K ran at half the speed: there the output is most of the bytes). Bigger tiles pull fewer bytes
-from L2 per FLOP, which looks like the limit at large M (every variant measured moves 6-7 TB/s from L2 to the SMs;
-BENCHMARKS.md); which count runs, per shape: fp8.hopper_consumers.
+weight tiles into a ring of STAGES shared-memory stages, and two or three consumer warpgroups each own 64 rows of the
+output tile: 128 x 128 or 192 x 128, or 128 x 256 where each consumer runs one m64n256 wgmma a group over two weight
+blocks. A consumer keeps its sum in units of the current group's scale (_consumer's docstring), so wgmma
+accumulates into the sum itself and the sum is its only register tile, which is what lets a 64 x 256 sum fit. It
+issues its wgmmas, waits for them, frees the stage, then rescales; the consumers run out of step, so one's wgmmas
+fill the tensor cores while another rescales. The grid is persistent (one program per SM walking the tiles, grouped
+along M for L2 reuse), so the producer loads the next tile while the consumers store, and the output leaves through
+shared memory by TMA, which runs on under the next tile's wgmmas (stored from registers, short K ran at half the
+speed: there the output is most of the bytes). At large M the loads take about as long as the math (the kernel
+without its wgmmas takes 60-96% of its time: BENCHMARKS.md), so bigger tiles, which pull fewer bytes per FLOP, run
+faster; 128 x 256 also reads shared memory less per FLOP in its wgmmas than 256 x 128 (four consumers: measured
+1.12x slower, and dropped). Which tile runs, per shape: fp8.hopper_tile.
 
 With two activation terms each group feeds the weight tile in shared memory to two products (the terms' x tiles,
 rows t::2 of the quantized x, by two TMA descriptors), each with its own scale, so the weights are read once and the
@@ -88,25 +90,39 @@ def _store_tile(tile, c_desc, buf, row, col):
 
 
 @gluon.jit
+def _rescaled(acc, f, f_hi, upper):
+    """acc times its rows' factors f, or f_hi in the columns `upper` (a 256-wide tile's second weight block). LLVM
+    folds the select: each register's column is known up to its lane's offset, which is under 8."""
+    if acc.shape[1] == 128:
+        out = acc * f[:, None]
+    else:
+        out = acc * gl.where(upper[None, :], f_hi[:, None], f[:, None])
+    return out
+
+
+@gluon.jit
 def _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_desc, c_bufs, M, N, tiles_m, tiles_n,
               group_m, n_groups, stride_cm, stride_wsn, WG: gl.constexpr):
     """One warpgroup: rows [64 WG, 64 WG + 64) of each tile. Per group: a wgmma per term into the term's running sum,
     wait, free the stage, then rescale the sum, during which the other warpgroups' wgmmas keep the tensor cores busy.
 
-    The sum is kept in units of the current group's scale s_g (per row: s_x * s_w): after group g it holds
-    sum_j<=g P_j s_j / s_g, so the next group's wgmma accumulates straight into it once it is multiplied by
-    s_g / s_g+1 (online, as flash attention rescales its softmax sum). No separate product tile: half the registers
-    of `acc += P * s`, which is what lets four warpgroups (256-row tiles) fit. After the last group the factor is s_g
-    itself (the next scales read as 1), so the sum leaves in true units. Rounding: one fp32 multiply per group, as
-    the scaled add had."""
+    The sum is kept in units of the current group's scale s_g (s_x of the row times s_w of the column's weight
+    block): after group g it holds sum_j<=g P_j s_j / s_g, so the next group's wgmma accumulates straight into it
+    once it is multiplied by s_g / s_g+1 (online, as flash attention rescales its softmax sum). No separate product
+    tile: half the registers of `acc += P * s`, which is what lets 256 columns (two weight blocks, one m64n256
+    wgmma) fit. After the last group the factor is s_g itself (the next scales read as 1), so the sum leaves in true
+    units. Rounding: one fp32 multiply per group, as the scaled add had."""
     STAGES: gl.constexpr = w_bufs.shape[0]
     TERMS: gl.constexpr = 2 if a1_bufs.shape[0] > 1 else 1
     CONSUMERS: gl.constexpr = a0_bufs.shape[0] // STAGES
     BN: gl.constexpr = w_bufs.shape[1]
     TMA_STORE: gl.constexpr = c_bufs.shape[0] == CONSUMERS
-    SCALE_FLOOR: gl.constexpr = 2.0 ** -100
+    # every scale is at least 2^-50: a zero weight scale (an all-zero block) must not make the units 0. Its group
+    # then adds its product times ~2^-50 s_x, and the sum, in units of at least 2^-100, stays finite below ~2e8.
+    FLOOR: gl.constexpr = 2.0 ** -50
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
     zeros = gl.zeros((64, BN), gl.float32, layout)
+    upper = gl.arange(0, BN, layout=gl.SliceLayout(0, layout)) >= 128    # columns of a 256-wide tile's second block
     step = 0
     for t in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
         off_m, pid_n = _tile(t, tiles_m, tiles_n, group_m, 64 * CONSUMERS)
@@ -114,46 +130,52 @@ def _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_d
         cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
         row_ok = rows < M
         sa_rows = as_ptr + rows * TERMS * n_groups
-        ws_row = ws_ptr + (pid_n * BN // 128) * stride_wsn      # BN divides 128: one weight scale per group
-        # scales are loaded a group ahead: their latency hides behind a group's wgmmas. Rows past M read 1, and
-        # every scale is at least 2^-100: a zero weight scale (an all-zero block) must not make the units 0. Its
-        # group then adds its product times 2^-100, and the sum (in units of 2^-100) stays finite below ~2e8.
-        sw = gl.load(ws_row)
-        s0 = gl.maximum(gl.load(sa_rows, mask=row_ok, other=1.0) * sw, SCALE_FLOOR)
-        s1 = gl.maximum(gl.load(sa_rows + (TERMS - 1) * n_groups, mask=row_ok, other=1.0) * sw, SCALE_FLOOR)
+        ws_lo = ws_ptr + (pid_n * BN // 128) * stride_wsn       # the weight block of the tile's first 128 columns
+        ws_hi = ws_lo + (BN // 128 - 1) * stride_wsn            # of its last (the same one where BN is 128)
+        hi_ok = pid_n * BN + BN - 128 < N
+        # scales are loaded a group ahead: their latency hides behind a group's wgmmas. Rows past M read 1.
+        sw_lo = gl.maximum(gl.load(ws_lo), FLOOR)
+        sw_hi = gl.maximum(gl.load(ws_hi, mask=hi_ok, other=1.0), FLOOR)
+        s0 = gl.maximum(gl.load(sa_rows, mask=row_ok, other=1.0), FLOOR)
+        s1 = gl.maximum(gl.load(sa_rows + (TERMS - 1) * n_groups, mask=row_ok, other=1.0), FLOOR)
         acc0 = zeros
         acc1 = zeros
-        r0 = gl.full_like(s0, 1.0)          # the factor that brings the sum to this group's units
-        r1 = r0
+        f0 = gl.full_like(s0, 1.0)          # the factors that bring the sums to this group's units, per row
+        f0_hi = f0                          # (and per weight block: the second 128 columns where BN is 256)
+        f1 = f0
         for g in range(n_groups):
             more = g + 1 < n_groups
-            sw_next = gl.load(ws_row + g + 1, mask=more, other=1.0)
-            s0_next = gl.maximum(gl.load(sa_rows + g + 1, mask=row_ok & more, other=1.0) * sw_next, SCALE_FLOOR)
+            sw_lo_next = gl.maximum(gl.load(ws_lo + g + 1, mask=more, other=1.0), FLOOR)
+            sw_hi_next = gl.maximum(gl.load(ws_hi + g + 1, mask=more & hi_ok, other=1.0), FLOOR)
+            s0_next = gl.maximum(gl.load(sa_rows + g + 1, mask=row_ok & more, other=1.0), FLOOR)
             s = step % STAGES
             mbarrier.wait(ready.index(s), (step // STAGES) & 1)
             w = w_bufs.index(s).permute((1, 0))
             # rescaled just before the wgmma that reads it (after the wait, the copies Triton makes of a sum that is
             # rescaled in place read registers of the wgmma in flight, and ptxas serializes them all: C7514)
-            acc0 = acc0 * r0[:, None]
+            acc0 = _rescaled(acc0, f0, f0_hi, upper)
             if TERMS == 2:      # both rescaled before either wgmma: ptxas waits out a wgmma before any rescale
-                acc1 = acc1 * r1[:, None]
+                acc1 = acc1 * f1[:, None]
             acc0 = warpgroup_mma(a0_bufs.index(s * CONSUMERS + WG), w, acc0, is_async=True)
             if TERMS == 2:
-                s1_next = gl.maximum(gl.load(sa_rows + n_groups + g + 1, mask=row_ok & more, other=1.0) * sw_next,
-                                     SCALE_FLOOR)
+                s1_next = gl.maximum(gl.load(sa_rows + n_groups + g + 1, mask=row_ok & more, other=1.0), FLOOR)
                 acc1 = warpgroup_mma(a1_bufs.index(s * CONSUMERS + WG), w, acc1, is_async=True)
                 acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
-                r1 = s1 / s1_next
+                f1 = s1 / s1_next * (sw_lo / sw_lo_next)
                 s1 = s1_next
             else:
                 acc0 = warpgroup_mma_wait(0, deps=(acc0, ))
             mbarrier.arrive(empty.index(s), count=1)
-            r0 = s0 / s0_next
+            f0 = s0 / s0_next
+            f0_hi = f0 * (sw_hi / sw_hi_next)
+            f0 = f0 * (sw_lo / sw_lo_next)
             s0 = s0_next
+            sw_lo = sw_lo_next
+            sw_hi = sw_hi_next
             step += 1
-        acc0 = acc0 * r0[:, None]
+        acc0 = _rescaled(acc0, f0, f0_hi, upper)
         if TERMS == 2:
-            acc0 += acc1 * r1[:, None]
+            acc0 += acc1 * f1[:, None]
         if TMA_STORE:       # through shared memory: the store runs on while the next tile's wgmmas do
             out = acc0.to(gl.bfloat16)
             if c_bufs.shape[2] == BN:
@@ -193,21 +215,15 @@ def _consumer2(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_
 
 
 @gluon.jit
-def _consumer3(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_desc, c_bufs, M, N, tiles_m,
-               tiles_n, group_m, n_groups, stride_cm, stride_wsn):
-    _consumer(a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_desc, c_bufs, M, N, tiles_m, tiles_n,
-              group_m, n_groups, stride_cm, stride_wsn, 3)
-
-
-@gluon.jit
 def _prefill_kernel(a0_desc, a1_desc, w_desc, as_ptr, ws_ptr, c_ptr, c_desc, M, N, n_groups, stride_cm, stride_wsn,
                     TERMS: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TMA_STORE: gl.constexpr):
-    """Persistent: program p takes output tiles p, p + programs, ... of 64 * CONSUMERS rows x BN columns. Four
-    consumers with one term only (two terms hold two sums: 128 registers a thread, which only two consumers have)."""
+    """Persistent: program p takes output tiles p, p + programs, ... of 64 * CONSUMERS rows x BN columns: 128 x 128,
+    and with one term 192 x 128 or 128 x 256. Two terms hold two sums and 256 columns a sum twice as wide, 128
+    registers a thread, which only two consumers have."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     gl.static_assert(a0_desc.block_type.shape[0] == 64 and a0_desc.block_type.shape[1] == 128)
-    gl.static_assert(CONSUMERS >= 2 and CONSUMERS <= 4 and (CONSUMERS < 4 or TERMS == 1))
+    gl.static_assert((CONSUMERS == 2 and BN == 128) or (TERMS == 1 and (CONSUMERS == 3) != (BN == 256)))
     a0_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * CONSUMERS, 64, 128], a0_desc.layout)
     a1_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * CONSUMERS if TERMS == 2 else 1, 64, 128],
                                         a0_desc.layout)       # with one term, one unused slab (TERMS for partitions)
@@ -230,11 +246,7 @@ def _prefill_kernel(a0_desc, a1_desc, w_desc, as_ptr, ws_ptr, c_ptr, c_desc, M, 
     consumer = (a0_bufs, a1_bufs, w_bufs, ready, empty, as_ptr, ws_ptr, c_ptr, c_desc, c_bufs, gl.to_tensor(M),
                 gl.to_tensor(N), tiles_m, tiles_n, group_m, n_groups, gl.to_tensor(stride_cm), gl.to_tensor(stride_wsn))
     producer = (a0_desc, a1_desc, w_desc, a0_bufs, a1_bufs, w_bufs, ready, empty, tiles_m, tiles_n, group_m, n_groups)
-    if CONSUMERS == 4:
-        gl.warp_specialize([(_consumer0, consumer), (_consumer1, consumer), (_consumer2, consumer),
-                            (_consumer3, consumer), (_producer, producer)], [4, 4, 4, 1],
-                           [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
-    elif CONSUMERS == 3:
+    if CONSUMERS == 3:
         gl.warp_specialize([(_consumer0, consumer), (_consumer1, consumer), (_consumer2, consumer),
                             (_producer, producer)], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
     else:
@@ -359,16 +371,16 @@ def prefill_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
                  terms: int, consumers: int = 2, BN: int = 128, stages: int = 4, group_m: int = 8,
                  consumer_regs: int | None = None, tma_store: bool | None = None, half_store: bool | None = None):
     """a (terms * M, K) e4m3, token m's terms in rows terms*m + t; a_scale (terms * M, ceil(K/128)); w (N, K) e4m3,
-    w_scale (ceil(N/128), ceil(K/128)) -> out (M, N) bf16. Tiles of 64 * consumers rows (4 with one term only).
-    The output leaves by TMA where it can (tma_writable), else by plain stores; with four consumers in two column
-    halves (half_store), which leaves shared memory for a fourth stage."""
+    w_scale (ceil(N/128), ceil(K/128)) -> out (M, N) bf16. Tiles of 64 * consumers rows x BN columns (_prefill_kernel:
+    3 consumers or BN 256 for one term only). The output leaves by TMA where it can (tma_writable), else by plain
+    stores; with 256 columns in two column halves (half_store), which leaves shared memory for a fourth stage."""
     MA, K = a.shape
     N, M = w.shape[0], MA // terms
     n_groups = triton.cdiv(K, 128)
     tma_store = tma_writable(out) if tma_store is None else tma_store
-    half_store = consumers == 4 if half_store is None else half_store
+    half_store = BN == 256 if half_store is None else half_store
     if consumer_regs is None:        # what the register file allows beside the producer's 40 (it counts as 128 threads)
-        consumer_regs = {2: 232, 3: 160, 4: 112}[consumers]
+        consumer_regs = {2: 232, 3: 160}[consumers]
     a_layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
     w_layout = gl.NVMMASharedLayout.get_default_for([BN, 128], gl.float8e4nv)
     store_cols = BN // 2 if half_store else BN

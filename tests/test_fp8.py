@@ -100,33 +100,35 @@ def test_gemm_against_float64(N, K):
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon prefill kernel needs an sm_90 GPU")
-@pytest.mark.parametrize("consumers", [2, 3, 4])
+@pytest.mark.parametrize("consumers,columns", [(2, 128), (3, 128), (2, 256)])
 @pytest.mark.parametrize("N,K", DEEPSEEK + [(576, 512), (200, 384), (256, 256), (130, 304)])
-def test_hopper_prefill_kernel_against_float64(N, K, consumers):
+def test_hopper_prefill_kernel_against_float64(N, K, consumers, columns):
     """Called directly, so every shape and M runs it, including those the dispatch would give the Triton kernel:
     M=1 and 3 (one partial M tile), 130 (two), 1000 (more tiles than SMs for most N: the persistent loop).
-    `consumers`: warpgroups of 64 rows, 3 and 4 (192- and 256-row tiles; 4 stores in column halves) with one term
-    only. N=130 rows are not 16-byte aligned, so that output is stored without TMA; K=304 ends in a partial group."""
+    Tiles: `consumers` warpgroups of 64 rows x `columns`; 3 consumers and 256 columns (two weight blocks a tile, the
+    second missing at the N edge where N mod 256 <= 128, stored in column halves) with one term only. N=130 rows are
+    not 16-byte aligned, so that output is stored without TMA; K=304 ends in a partial group."""
     def hopper_kernel(x, w, ws, out, terms):
-        c = consumers if terms == 1 else 2
-        fp8.fp8_hopper.prefill_gemm(*fp8.act_quant(x, terms), w, ws, out, terms, consumers=c)
-        return f"hopper consumers={c} tma_store={fp8.fp8_hopper.tma_writable(out)}"
+        tile = (consumers, columns) if terms == 1 else (2, 128)
+        fp8.fp8_hopper.prefill_gemm(*fp8.act_quant(x, terms), w, ws, out, terms, *tile)
+        return f"hopper tile={tile} tma_store={fp8.fp8_hopper.tma_writable(out)}"
     against_float64(N, K, N * 5 + K, [1, 3, 130, 1000], hopper_kernel)
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon prefill kernel needs an sm_90 GPU")
 def test_hopper_prefill_kernel_with_zero_weight_scales():
     """The kernel keeps its sum in units of the running scale: an all-zero weight block (scale 0, as DeepSeek's
-    quantizer writes it) must add nothing rather than turn the units to 0 (NaN), first group, middle or last."""
+    quantizer writes it) must add nothing rather than turn the units to 0 (NaN), first group, middle or last, in
+    either half of a 256-column tile."""
     gen = torch.Generator().manual_seed(6)
     w, ws = random_weight(384, 640, gen)
     ws[0, 0] = ws[1, 2] = ws[2, 4] = ws[:, 3] = 0
     x = random_x(300, 640, gen)
-    for terms, consumers in [(1, 2), (1, 3), (1, 4), (2, 2)]:
+    for terms, tile in [(1, (2, 128)), (1, (3, 128)), (1, (2, 256)), (2, (2, 128))]:
         out = torch.full((300, 384), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-        fp8.fp8_hopper.prefill_gemm(*fp8.act_quant(x, terms), w, ws, out, terms, consumers=consumers)
+        fp8.fp8_hopper.prefill_gemm(*fp8.act_quant(x, terms), w, ws, out, terms, *tile)
         exact = fp8.reference_linear(x.cpu(), w.cpu(), ws.cpu(), terms)
-        assert rel(out.cpu(), exact) <= EXACT_BOUND, (terms, consumers, rel(out.cpu(), exact))
+        assert rel(out.cpu(), exact) <= EXACT_BOUND, (terms, tile, rel(out.cpu(), exact))
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon decode kernel needs an sm_90 GPU")
@@ -184,10 +186,11 @@ def test_decode_sizes_never_take_the_prefill_kernel():
         for terms in (1, 2):
             assert not any(fp8.use_hopper_kernel(M, N, K, terms) for M in range(1, 128)), (N, K, terms)
         assert all(fp8.use_hopper_kernel(4096, N, K, terms) for terms in (1, 2)), (N, K)
-    # one term: the tile height whose waves over 132 SMs cost least; two terms: 128 rows, as their registers allow
-    assert [fp8.hopper_consumers(4096, N, 1, 132) for N in (2112, 576, 24576, 7168)] == [3, 3, 4, 4]
-    assert [fp8.hopper_consumers(M, 7168, 1, 132) for M in (128, 256, 512)] == [2, 2, 4]
-    assert all(fp8.hopper_consumers(M, N, 2, 132) == 2 for M in (128, 4096, 6144) for N, _ in DEEPSEEK)
+    # one term: the tile whose waves over 132 SMs cost least; two terms: 128 x 128, as their registers allow
+    assert [fp8.hopper_tile(4096, N, 1, 132) for N in (2112, 576, 24576, 7168)] == [(3, 128), (3, 128), (2, 256),
+                                                                                    (2, 256)]
+    assert [fp8.hopper_tile(M, 7168, 1, 132) for M in (128, 256, 512)] == [(2, 128), (2, 128), (2, 256)]
+    assert all(fp8.hopper_tile(M, N, 2, 132) == (2, 128) for M in (128, 4096, 6144) for N, _ in DEEPSEEK)
 
 
 def test_a_hopper_kernel_that_does_not_build_falls_back_once(monkeypatch):

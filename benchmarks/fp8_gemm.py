@@ -105,6 +105,15 @@ def time_ours(case: Case, M: int, cfg: fp8.Config | None = None, prequant: bool 
                                              terms=terms), case.calls())
 
 
+def time_prefill(prefill_gemm, case: Case, M: int, terms: int, *args, **kw) -> float:
+    """A fp8_hopper.prefill_gemm (or a copy's) alone on quantized x; args, kw: its tile and the rest."""
+    q, s = fp8.act_quant(x_for(M, case.K), terms)
+    out = torch.empty(M, case.N, dtype=torch.bfloat16, device=dev)
+    r = len(case.w)
+    return graph_time(lambda i: prefill_gemm(q, s, case.w[i % r], case.ws[i % r], out, terms, *args, **kw),
+                      case.calls())
+
+
 def ref64(q, s, w, ws, terms):
     """float64 product of the dequantized operands, terms summed."""
     MA, K = q.shape

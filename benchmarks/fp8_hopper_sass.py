@@ -31,8 +31,8 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 def prefill(terms=2, stages=4, consumers=2, regs=None, tma_store=1, BN=128):
-    store_cols = 128                               # as prefill_gemm: 256 columns store in halves
-    regs = regs or {2: 232, 3: 160}[consumers]
+    store_cols = H.store_columns(BN)
+    regs = regs or H.CONSUMER_REGS[consumers]
     M, N, K = 4096, 7168, 7168
     a = torch.empty(terms * M, K, dtype=torch.float8_e4m3fn)
     w = torch.empty(N, K, dtype=torch.float8_e4m3fn)

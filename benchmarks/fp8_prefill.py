@@ -62,21 +62,13 @@ print("== speed, GEMM alone on quantized x (us)")
 cases = {name: B.Case(*nk) for name, nk in B.SHAPES.items()}
 
 
-def time_hopper(case, M, terms, consumers, columns):
-    q, s = fp8.act_quant(B.x_for(M, case.K), terms)
-    out = torch.empty(M, case.N, dtype=torch.bfloat16, device=dev)
-    r = len(case.w)
-    return B.graph_time(lambda i: fp8_hopper.prefill_gemm(q, s, case.w[i % r], case.ws[i % r], out, terms,
-                                                          consumers, columns), case.calls())
-
-
 summary = []
 for M in (4096, 1024, 512, 128):
     tot = {}
     for name, case in cases.items():
         t = {"bf16": B.time_bf16(case, M), "smm": B.time_scaled_mm(case, M)[0] or float("nan")}
         for v, (terms, c, bn) in VARIANTS.items():
-            t[v] = time_hopper(case, M, terms, c, bn)
+            t[v] = B.time_prefill(fp8_hopper.prefill_gemm, case, M, terms, c, bn)
         for terms in (1, 2):            # an explicit config: the Triton kernel, whatever the M
             t[f"triton{terms}"] = B.time_ours(case, M, fp8.config_for(terms * M, case.N, case.K), True, terms)
             t[f"runtime{terms}"] = B.time_ours(case, M, prequant=True, terms=terms)

@@ -367,6 +367,16 @@ def tma_writable(out: torch.Tensor) -> bool:
     return out.stride(1) == 1 and out.stride(0) * out.element_size() % 16 == 0 and out.data_ptr() % 16 == 0
 
 
+# registers a consumer thread may hold: what the file has beside the producer's 40 (which counts as 128 threads)
+CONSUMER_REGS = {2: 232, 3: 160}
+
+
+def store_columns(BN: int, half_store: bool | None = None) -> int:
+    """Columns of the output slab a consumer stages in shared memory for TMA: BN, or by default half of 256 (two
+    halves in turn, which leaves room for a fourth stage)."""
+    return BN // 2 if (BN == 256 if half_store is None else half_store) else BN
+
+
 def prefill_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor,
                  terms: int, consumers: int = 2, BN: int = 128, stages: int = 4, group_m: int = 8,
                  consumer_regs: int | None = None, tma_store: bool | None = None, half_store: bool | None = None):
@@ -378,12 +388,10 @@ def prefill_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
     N, M = w.shape[0], MA // terms
     n_groups = triton.cdiv(K, 128)
     tma_store = tma_writable(out) if tma_store is None else tma_store
-    half_store = BN == 256 if half_store is None else half_store
-    if consumer_regs is None:        # what the register file allows beside the producer's 40 (it counts as 128 threads)
-        consumer_regs = {2: 232, 3: 160}[consumers]
+    consumer_regs = consumer_regs or CONSUMER_REGS[consumers]
     a_layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
     w_layout = gl.NVMMASharedLayout.get_default_for([BN, 128], gl.float8e4nv)
-    store_cols = BN // 2 if half_store else BN
+    store_cols = store_columns(BN, half_store)
     c_layout = gl.NVMMASharedLayout.get_default_for([64, store_cols], gl.bfloat16)
     view = a.view(M, terms, K)
     a_descs = [TensorDescriptor(view[:, t], [M, K], [terms * K, 1], [64, 128], a_layout) for t in range(terms)]

@@ -30,7 +30,7 @@ class Model:
 
 
 def load(path, device: str = "auto", threads: int | None = None, max_len: int = 4096,
-         allow_unverified: bool = False, act_terms: int = 2) -> Model:
+         allow_unverified: bool = False, act_terms: int = 2, slots: int = 1, chunk: int = 2048) -> Model:
     """`act_terms` (GPU FP8 kernels only): activations in 2 e4m3 terms (default: ~7 bits, passes the CPU path's
     accuracy bars; decode costs about the same) or 1 (DeepSeek's own scheme; prefill GEMMs up to 2x faster)."""
     if act_terms not in (1, 2):
@@ -48,7 +48,8 @@ def load(path, device: str = "auto", threads: int | None = None, max_len: int = 
         tokenizer = AutoTokenizer.from_pretrained(str(Path(path)))
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
-    net = Transformer(folder, max_len=max_len, threads=threads, device=device, fp8=fp8, act_terms=act_terms)
+    net = Transformer(folder, max_len=max_len, threads=threads, device=device, fp8=fp8, act_terms=act_terms,
+                      slots=slots, chunk=chunk)
     return Model(folder, net, tokenizer, device)
 
 
@@ -99,7 +100,7 @@ def generate(model: Model, prompt: list[int], max_new_tokens: int = 256, tempera
         raise ModelError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new does not fit the context of "
                          f"{model.net.max_len - model.pos} tokens left")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    row = model.net.forward(torch.tensor(prompt), model.pos)[-1]
+    row = model.net.prefill(torch.tensor(prompt), model.pos)[-1]
     model.pos += len(prompt)
     for _ in range(max_new_tokens):
         token = sample(row, temperature, top_p, gen)

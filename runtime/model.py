@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from runtime.attention import mla_attend
 from runtime.experts import MoEExperts
-from runtime.load import Folder, bf16, fp8_dequant
+from runtime.load import Folder, ModelError, bf16, fp8_dequant
 
 
 @dataclass
@@ -174,9 +175,10 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class MLA:
-    """Multi-head latent attention, absorbed form: the cache holds c_kv (kv_lora) + k_rope (rope) per token."""
+    """Multi-head latent attention, absorbed form: the cache holds c_kv (kv_lora) + k_rope (rope) per token, per
+    slot (one sequence each): (slots, max_len, .) allocated once."""
 
-    def __init__(self, a: Args, w: Weights, i: int, max_len: int):
+    def __init__(self, a: Args, w: Weights, i: int, max_len: int, slots: int = 1):
         b = f"blk.{i}."
         self.a = a
         self.wqkv_a = w.linear(b + "attn_q_a.weight", b + "attn_kv_a_mqa.weight")    # one input: one GEMM
@@ -188,31 +190,26 @@ class MLA:
         self.wo = w.linear(b + "attn_output.weight")
         mscale = 0.1 * a.mscale * math.log(a.rope_factor) + 1.0 if a.rope_factor > 1 else 1.0
         self.scale = (a.nope + a.rope) ** -0.5 * mscale * mscale
-        self.kv_cache = torch.zeros(max_len, a.kv_lora, dtype=self.dt, device=w.device)
-        self.pe_cache = torch.zeros(max_len, a.rope, dtype=self.dt, device=w.device)
+        self.kv_cache = torch.zeros(slots, max_len, a.kv_lora, dtype=self.dt, device=w.device)
+        self.pe_cache = torch.zeros(slots, max_len, a.rope, dtype=self.dt, device=w.device)
 
-    def __call__(self, x: torch.Tensor, pos: torch.Tensor, end: int | None, freqs: torch.Tensor) -> torch.Tensor:
-        """Tokens at positions `pos` (T,) attend over cache[:end] (None: the whole cache), masking the positions after
-        each token's own: a prefill passes its last position + 1, a decode graph its span (decode_span), which
-        covers every position up to it without changing sizes."""
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor | int, bound: int | None,
+                 freqs: torch.Tensor) -> torch.Tensor:
+        """Rows x (T, dim) at positions `pos` (T,) of `slots` (an int: all rows of one slot, a prefill chunk; or
+        (T,): a decode step) attend over their slot's cache up to their own position. `bound`: pos + 1 at most,
+        if the caller knows it (a decode graph's span)."""
         a, T = self.a, x.shape[0]
         q_a, kv = self.wqkv_a(x)
         q = self.wq_b(rms_norm(q_a, self.q_norm, a.eps)).view(T, a.n_heads, -1)
         q_nope, q_pe = q.split([a.nope, a.rope], -1)
         q_pe = apply_rope(q_pe, freqs)
         c_kv, k_pe = kv.split([a.kv_lora, a.rope], -1)
-        self.kv_cache.index_copy_(0, pos, rms_norm(c_kv, self.kv_norm, a.eps).to(self.dt))
-        self.pe_cache.index_copy_(0, pos, apply_rope(k_pe, freqs).to(self.dt))
-        kv_cache = self.kv_cache[:end].float()
-        pe_cache = self.pe_cache[:end].float()
-        q_lat = torch.einsum("thd,hdc->thc", q_nope.to(self.dt), self.w_kb).float()   # fold W_k into the query
-        scores = (torch.einsum("thc,sc->ths", q_lat, kv_cache) +
-                  torch.einsum("thr,sr->ths", q_pe, pe_cache)) * self.scale
-        later = torch.arange(kv_cache.shape[0], device=x.device)[None, :] > pos[:, None]
-        scores = scores.masked_fill(later.unsqueeze(1), float("-inf"))
-        o = torch.einsum("ths,sc->thc", scores.softmax(-1), kv_cache)
-        o = torch.einsum("thc,hdc->thd", o.to(self.dt), self.w_vb)                      # and W_v into the output
-        return self.wo(o.flatten(1))
+        where = (slots, pos) if isinstance(slots, torch.Tensor) else (torch.full_like(pos, slots), pos)
+        self.kv_cache.index_put_(where, rms_norm(c_kv, self.kv_norm, a.eps).to(self.dt))
+        self.pe_cache.index_put_(where, apply_rope(k_pe, freqs).to(self.dt))
+        o = mla_attend(q_nope, q_pe, self.kv_cache, self.pe_cache, slots, pos, self.w_kb, self.w_vb, self.scale,
+                       bound)
+        return self.wo(o.to(self.dt).flatten(1))
 
 
 class MLP:
@@ -264,62 +261,169 @@ class MoE:
 
 
 class Block:
-    def __init__(self, a: Args, w: Weights, i: int, max_len: int, threads: int | None):
+    def __init__(self, a: Args, w: Weights, i: int, max_len: int, threads: int | None, slots: int = 1):
         b = f"blk.{i}."
         self.a = a
         self.attn_norm, self.ffn_norm = w.plain(b + "attn_norm.weight"), w.plain(b + "ffn_norm.weight")
-        self.attn = MLA(a, w, i, max_len)
+        self.attn = MLA(a, w, i, max_len, slots)
         self.ffn = MLP(w, b + "ffn_") if i < a.n_dense else MoE(a, w, i, threads)
 
-    def __call__(self, x: torch.Tensor, pos: torch.Tensor, end: int | None, freqs: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x, self.attn_norm, self.a.eps), pos, end, freqs)
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, slots, bound: int | None,
+                 freqs: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x, self.attn_norm, self.a.eps), pos, slots, bound, freqs)
         return x + self.ffn(rms_norm(x, self.ffn_norm, self.a.eps))
 
-    def before_experts(self, x, pos, end, freqs):
+    def before_experts(self, x, pos, slots, bound, freqs):
         """A MoE block up to its routed experts: (residual after attention, normed input, expert ids, weights)."""
-        x = x + self.attn(rms_norm(x, self.attn_norm, self.a.eps), pos, end, freqs)
+        x = x + self.attn(rms_norm(x, self.attn_norm, self.a.eps), pos, slots, bound, freqs)
         h = rms_norm(x, self.ffn_norm, self.a.eps)
         return (x, h) + self.ffn.route(h)
+
+
+def cache_bytes(a: Args, tokens: int, element_bytes: int) -> int:
+    """The compressed KV cache of `tokens` positions over all layers: (kv_lora + rope) values per token per layer."""
+    return a.n_layers * tokens * (a.kv_lora + a.rope) * element_bytes
+
+
+def prefill_reserve(a: Args, chunk: int) -> int:
+    """Bytes a prefill chunk's activations may take at once, kept free beside the cache: the absorbed queries,
+    accumulators and outputs (float32, rows x heads x kv_lora, a few of each), one block of scores, the MLP."""
+    return chunk * (4 * a.n_heads * a.kv_lora + 8 * max(a.inter, a.moe_inter * a.top_k) + 16 * a.dim) * 4 \
+        + 4 * 4 * (1 << 24)
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62
 
 
 class Transformer:
     def __init__(self, folder: Folder, max_len: int = 4096, threads: int | None = None,
                  device: str | torch.device = "cpu", fp8: bool = False, emulate_fp8: bool = False,
-                 act_terms: int = 2):
+                 act_terms: int = 2, slots: int = 1, chunk: int = 2048):
         """`fp8`: FP8 linears stay FP8 and run on runtime.fp8's kernels, their inputs quantized to `act_terms` e4m3
         terms (1: DeepSeek's scheme; 2: also the remainder, ~7 bits); else they are dequantized to bf16 at load,
-        and `emulate_fp8` rounds their inputs as the kernels would (the FP8 path's numerics, without the kernels)."""
+        and `emulate_fp8` rounds their inputs as the kernels would (the FP8 path's numerics, without the kernels).
+        `slots` sequences of up to `max_len` positions each get a KV cache, planned up front: a context past the
+        model's max_position_embeddings, or one whose cache would not fit the device's free memory, is refused
+        (ModelError) before anything is loaded. Prompts are prefilled `chunk` tokens a pass."""
         self.a = a = Args.from_config(folder.config)
         self.device = torch.device(device)
+        self.max_len, self.slots, self.chunk = max_len, slots, chunk
+        limit = folder.config.get("max_position_embeddings")
+        if isinstance(limit, int) and max_len > limit:
+            raise ModelError(f"a context of {max_len} tokens is past this model's limit of {limit} "
+                             "(max_position_embeddings)")
+        if slots < 1 or chunk < 1 or max_len < 1:
+            raise ModelError(f"context {max_len}, slots {slots} and chunk {chunk} must all be at least 1")
+        element = 2 if self.device.type == "cuda" else 4
+        self.plan_check(free_memory(self.device), element, weights=self.weight_bytes(folder, fp8))
         w = Weights(folder, self.device, fp8, emulate_fp8, act_terms)
-        self.max_len = max_len
         self.embed = w.plain("token_embd.weight")
         self.norm, self.head = w.plain("output_norm.weight"), w.linear("output.weight")
-        self.layers = [Block(a, w, i, max_len, threads) for i in range(a.n_layers)]
+        self.layers = [Block(a, w, i, max_len, threads, slots) for i in range(a.n_layers)]
         self.freqs = yarn_freqs(a, max_len).to(self.device)
         self.graphs: GraphedDecode | None = None
+
+    def weight_bytes(self, folder: Folder, fp8: bool) -> int:
+        """What the weights will take on the device: everything but the routed experts (which stay in the
+        folder's memory map), FP8 at one byte where kept FP8, bf16 where dequantized, as stored otherwise."""
+        if self.device.type != "cuda":
+            return 0                         # the CPU path's weights are counted in the free memory as they load
+        total = 0
+        for name, t in folder.tensors.items():
+            if "_exps." in name or name.endswith(".ggml_type"):
+                continue
+            widen = t.dtype == "F8_E4M3" and (not fp8 or "attn_kv_b" in name)   # dequantized to bf16 at load
+            total += (t.end - t.begin) * (2 if widen else 1)
+        return total
+
+    def plan_check(self, free: int, element: int, weights: int = 0) -> None:
+        """Refuse a context whose KV cache (and a prefill chunk's buffers) would not fit `free` bytes."""
+        a = self.a
+        need = cache_bytes(a, self.max_len * self.slots, element)
+        reserve = prefill_reserve(a, self.chunk) + weights
+        if need + reserve > free:
+            per_token = cache_bytes(a, 1, element) * self.slots
+            fits = max(0, (free - reserve) // per_token)
+            where = "GPU" if self.device.type == "cuda" else "machine"
+            raise ModelError(
+                f"a context of {self.max_len} tokens x {self.slots} slot(s) needs {need / 2**30:.1f} GiB of KV "
+                f"cache + {reserve / 2**30:.1f} GiB for weights and prefill buffers; the {where} has "
+                f"{free / 2**30:.1f} GiB free: at most {fits} tokens per slot fit")
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(rms_norm(x, self.norm, self.a.eps)).float()
 
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Logits (T, vocab) float32 on the CPU for `tokens` placed at positions start..start+T-1 (the cache holds
-        0..start-1). One token on a GPU replays the decode graphs (captured on first use)."""
-        T = tokens.shape[0]
-        if start + T > self.max_len:
+    def _check_room(self, start: int, T: int) -> None:
+        if start < 0 or start + T > self.max_len:
             raise ValueError(f"context of {start + T} tokens exceeds the {self.max_len} this model was set up for")
-        if T == 1 and self.device.type == "cuda":
+
+    @torch.inference_mode()
+    def prefill_chunks(self, tokens: torch.Tensor, start: int = 0, slot: int = 0, all_logits: bool = True):
+        """Prefill `tokens` at positions start.. of `slot` (whose cache holds 0..start-1), `chunk` tokens a pass;
+        yields (first position, float32 CPU logits) per chunk: every row (all_logits), else the chunk's last."""
+        T = tokens.shape[0]
+        self._check_room(start, T)
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} of {self.slots}")
+        for a in range(0, T, self.chunk):
+            part = tokens[a:a + self.chunk].to(self.device)
+            p0 = start + a
+            pos = torch.arange(p0, p0 + part.shape[0], device=self.device)
+            x = self.embed[part].float()
+            freqs = self.freqs[p0:p0 + part.shape[0]]
+            for layer in self.layers:
+                x = layer(x, pos, slot, p0 + part.shape[0], freqs)
+            yield p0, self.logits(x if all_logits else x[-1:]).cpu()
+
+    def prefill(self, tokens: torch.Tensor, start: int = 0, slot: int = 0, all_logits: bool = False) -> torch.Tensor:
+        """Logits (T, vocab) if all_logits, else (1, vocab) for the last token; see prefill_chunks."""
+        parts = [lg for _, lg in self.prefill_chunks(tokens, start, slot, all_logits)]
+        return torch.cat(parts) if all_logits else parts[-1]
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One step of B sequences: row b is token tokens[b] at position pos[b] of slot slots[b] (distinct slots).
+        Logits (B, vocab) float32 on the CPU. On a GPU the step replays CUDA graphs (captured per batch size and
+        attention span on first use)."""
+        tokens, pos, slots = (torch.as_tensor(t, dtype=torch.long).flatten() for t in (tokens, pos, slots))
+        if not tokens.shape == pos.shape == slots.shape:
+            raise ValueError(f"tokens {tuple(tokens.shape)}, pos {tuple(pos.shape)}, slots {tuple(slots.shape)}")
+        if len(tokens) and (int(pos.min()) < 0 or int(pos.max()) >= self.max_len):
+            raise ValueError(f"positions {pos.tolist()} outside the context of {self.max_len}")
+        if len(set(slots.tolist())) != len(slots) or int(slots.min()) < 0 or int(slots.max()) >= self.slots:
+            raise ValueError(f"slots {slots.tolist()} must be distinct, in [0, {self.slots})")
+        if self.device.type == "cuda":
             if self.graphs is None:
                 self.graphs = GraphedDecode(self)
-            return self.graphs(int(tokens[0]), start).cpu()
-        tokens = tokens.to(self.device)
-        pos = torch.arange(start, start + T, device=self.device)
+            return self.graphs(tokens, pos, slots).cpu()
         x = self.embed[tokens].float()
-        freqs = self.freqs[start:start + T]
+        freqs = self.freqs[pos]
         for layer in self.layers:
-            x = layer(x, pos, start + T, freqs)
+            x = layer(x, pos, slots, None, freqs)
         return self.logits(x).cpu()
+
+    @torch.inference_mode()
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy cache positions [0, n) of slot src into slot dst (a prefix computed once, reused)."""
+        if n > self.max_len or not (0 <= src < self.slots and 0 <= dst < self.slots):
+            raise ValueError(f"copy_prefix({src}, {dst}, {n}) with {self.slots} slots of {self.max_len}")
+        if src != dst:
+            for layer in self.layers:
+                layer.attn.kv_cache[dst, :n] = layer.attn.kv_cache[src, :n]
+                layer.attn.pe_cache[dst, :n] = layer.attn.pe_cache[src, :n]
+
+    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Slot 0, every row's logits (T, vocab) float32 on the CPU; one token is a decode step."""
+        if tokens.shape[0] == 1:
+            self._check_room(start, 1)
+            return self.decode(tokens, torch.tensor([start]), torch.tensor([0]))
+        return self.prefill(tokens, start, 0, all_logits=True)
 
 
 def decode_span(pos: int, max_len: int) -> int:
@@ -330,39 +434,39 @@ def decode_span(pos: int, max_len: int) -> int:
 
 
 class GraphedDecode:
-    """One decode step as CUDA graphs, replayed: a graph per stretch of GPU work between two layers' routed experts
-    (which run on the CPU), plus one per shared expert, launched before the CPU starts so that the two overlap.
-    Attention runs over the first decode_span(pos) cache positions with a mask, so a set of graphs serves every
-    position up to its span; token and position are device tensors the graphs read. Each span's set is captured
-    on first use, at the position that step is about to write anyway, in its own memory pool."""
+    """One decode step of B sequences as CUDA graphs, replayed: a graph per stretch of GPU work between two layers'
+    routed experts (which run on the CPU), plus one per shared expert, launched before the CPU starts so that the
+    two overlap. Attention runs over the first decode_span(max pos) cache positions of each row's slot, masked past
+    its own position, so a set of graphs serves every step up to its span; tokens, positions and slots are device
+    tensors the graphs read. Each (batch size, span) set is captured on first use, in its own memory pool."""
 
     def __init__(self, net: Transformer):
-        self.net, dev = net, net.device
-        self.token = torch.zeros(1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.sets: dict[int, tuple[list, torch.Tensor]] = {}     # span -> (steps, logits)
+        self.net = net
+        self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}   # B -> (tokens, pos, slots)
+        self.sets: dict[tuple[int, int], tuple[list, torch.Tensor]] = {}             # (B, span) -> (steps, logits)
 
-    def _capture_set(self, span: int) -> tuple[list, torch.Tensor]:
+    def _capture_set(self, B: int, span: int) -> tuple[list, torch.Tensor]:
         net, pool = self.net, torch.cuda.graph_pool_handle()
+        token, pos, slots = self.inputs[B]
         steps: list = []                          # graphs, and (moe, shared graph, h, ids, weights, routed)
         carry: tuple = ()
         for layer in net.layers:
             if isinstance(layer.ffn, MoE):
                 x, h, ids, weights = self._capture(steps, pool, lambda c=carry, l=layer: l.before_experts(
-                    self._resume(c), self.pos, span, net.freqs[self.pos]))
+                    self._resume(c, token), pos, slots, span, net.freqs[pos]))
                 shared_graph, shared = self._graph(pool, lambda l=layer, h=h: l.ffn.shared(h))
                 routed = torch.zeros_like(x)
                 steps.append((layer.ffn, shared_graph, h, ids, weights, routed))
                 carry = (x, shared, routed)
             else:
-                carry = (self._capture(steps, pool, lambda c=carry, l=layer: l(self._resume(c), self.pos, span,
-                                                                                 net.freqs[self.pos])),)
-        return steps, self._capture(steps, pool, lambda c=carry: net.logits(self._resume(c)))
+                carry = (self._capture(steps, pool, lambda c=carry, l=layer: l(self._resume(c, token), pos, slots,
+                                                                                 span, net.freqs[pos])),)
+        return steps, self._capture(steps, pool, lambda c=carry: net.logits(self._resume(c, token)))
 
-    def _resume(self, carry: tuple) -> torch.Tensor:
+    def _resume(self, carry: tuple, token: torch.Tensor) -> torch.Tensor:
         """The residual stream where the last graph left it."""
         if not carry:
-            return self.net.embed[self.token].float()
+            return self.net.embed[token].float()
         if len(carry) == 1:
             return carry[0]
         x, shared, routed = carry
@@ -386,13 +490,16 @@ class GraphedDecode:
         return out
 
     @torch.inference_mode()
-    def __call__(self, token: int, start: int) -> torch.Tensor:
-        self.token.fill_(token)
-        self.pos.fill_(start)
-        span = decode_span(start, self.net.max_len)
-        if span not in self.sets:
-            self.sets[span] = self._capture_set(span)
-        steps, logits = self.sets[span]
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        B, dev = len(tokens), self.net.device
+        if B not in self.inputs:
+            self.inputs[B] = tuple(torch.zeros(B, dtype=torch.long, device=dev) for _ in range(3))
+        for buf, t in zip(self.inputs[B], (tokens, pos, slots)):
+            buf.copy_(t)
+        span = decode_span(int(pos.max()), self.net.max_len)
+        if (B, span) not in self.sets:
+            self.sets[(B, span)] = self._capture_set(B, span)
+        steps, logits = self.sets[(B, span)]
         for step in steps:
             if isinstance(step, torch.cuda.CUDAGraph):
                 step.replay()

@@ -174,7 +174,7 @@ def main():
         t_step = median_time(lambda: net.forward(toks[:1], pos), args.steps)   # both layers, as the runtime runs
         g = net.graphs
         span = decode_span(pos, net.max_len)                     # cache positions the step's attention reads
-        moe_step = next(s for s in g.sets[span][0] if not isinstance(s, torch.cuda.CUDAGraph))
+        moe_step = next(s for s in g.sets[1, span][0] if not isinstance(s, torch.cuda.CUDAGraph))
         moe, shared_graph, h, ids, weights, routed = moe_step
         host = [t.to("cpu") for t in (h.float(), ids.to(torch.int32), weights.float())]
         arrays = [t.numpy() for t in host]
@@ -197,20 +197,21 @@ def main():
         # the dense layer alone, as a graph of its own (its GPU time; the MoE layer's attention is in `first` too)
         x0 = torch.randn(1, HIDDEN, device="cuda")
         p0 = torch.full((1,), pos, device="cuda")
+        s0 = torch.zeros(1, dtype=torch.long, device="cuda")     # slot 0, as the runtime's decode passes it
         dense = net.layers[0]
         with torch.inference_mode():
-            dense(x0, p0, span, net.freqs[p0])
+            dense(x0, p0, s0, span, net.freqs[p0])
             dg = torch.cuda.CUDAGraph()
             with torch.cuda.graph(dg):
-                dense(x0, p0, span, net.freqs[p0])
+                dense(x0, p0, s0, span, net.freqs[p0])
             attn_only = torch.cuda.CUDAGraph()
-            moe_layer.before_experts(x0, p0, span, net.freqs[p0])
+            moe_layer.before_experts(x0, p0, s0, span, net.freqs[p0])
             with torch.cuda.graph(attn_only):
-                moe_layer.before_experts(x0, p0, span, net.freqs[p0])
+                moe_layer.before_experts(x0, p0, s0, span, net.freqs[p0])
             attn_whole = torch.cuda.CUDAGraph()                  # the same over the whole cache (max_len)
-            moe_layer.before_experts(x0, p0, None, net.freqs[p0])
+            moe_layer.before_experts(x0, p0, s0, net.max_len, net.freqs[p0])
             with torch.cuda.graph(attn_whole):
-                moe_layer.before_experts(x0, p0, None, net.freqs[p0])
+                moe_layer.before_experts(x0, p0, s0, net.max_len, net.freqs[p0])
         head = torch.randn(VOCAB_REAL, HIDDEN, device="cuda", dtype=torch.bfloat16)
         xh = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
 
@@ -234,10 +235,10 @@ def main():
         net.forward(toks, 0)
         t_pre1 = median_time(lambda: net.forward(toks, 0), 3)
         with torch.inference_mode():
-            moe_layer.before_experts(x0, p0, span, net.freqs[p0])
+            moe_layer.before_experts(x0, p0, s0, span, net.freqs[p0])
             attn_1 = torch.cuda.CUDAGraph()
             with torch.cuda.graph(attn_1):
-                moe_layer.before_experts(x0, p0, span, net.freqs[p0])
+                moe_layer.before_experts(x0, p0, s0, span, net.freqs[p0])
             t_attn1 = median_time(attn_1.replay, args.steps)
         set_terms(net, 2)
 

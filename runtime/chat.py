@@ -197,7 +197,8 @@ def _generation_defaults(folder: Path) -> dict:
     return out
 
 
-def load_model(folder: Path, device: str, threads: int | None, ctx: int, allow_unverified: bool, act_terms: int = 2):
+def load_model(folder: Path, device: str, threads: int | None, ctx: int, allow_unverified: bool, act_terms: int = 2,
+               **options):
     """runtime.api.load for a CLI: quiet transformers (imported only once the folder opened), threads for torch too;
     any failure is one line, exit 2."""
     import os
@@ -209,7 +210,7 @@ def load_model(folder: Path, device: str, threads: int | None, ctx: int, allow_u
         torch.set_num_threads(threads)
     try:
         return api.load(folder, device=device, threads=threads, max_len=ctx, allow_unverified=allow_unverified,
-                        act_terms=act_terms)
+                        act_terms=act_terms, **options)
     except ModelError as e:
         _fail(folder, str(e))
     except (OSError, ValueError, KeyError, TypeError) as e:  # a folder that is not what its files claim

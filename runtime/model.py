@@ -313,7 +313,7 @@ class Transformer:
         (ModelError) before anything is loaded. Prompts are prefilled `chunk` tokens a pass."""
         self.a = a = Args.from_config(folder.config)
         self.device = torch.device(device)
-        self.max_len, self.slots, self.chunk = max_len, slots, chunk
+        self.max_len, self.slots, self.chunk = max_len, slots, min(chunk, max_len)
         limit = folder.config.get("max_position_embeddings")
         if isinstance(limit, int) and max_len > limit:
             raise ModelError(f"a context of {max_len} tokens is past this model's limit of {limit} "
@@ -347,10 +347,14 @@ class Transformer:
         a = self.a
         need = cache_bytes(a, self.max_len * self.slots, element)
         reserve = prefill_reserve(a, self.chunk) + weights
+        where = "GPU" if self.device.type == "cuda" else "machine"
+        if reserve > free:
+            raise ModelError(f"the weights ({weights / 2**30:.1f} GiB) and a prefill chunk of {self.chunk} tokens "
+                             f"({(reserve - weights) / 2**30:.1f} GiB) need more than the {free / 2**30:.1f} GiB "
+                             f"the {where} has free; use a smaller chunk")
         if need + reserve > free:
             per_token = cache_bytes(a, 1, element) * self.slots
             fits = max(0, (free - reserve) // per_token)
-            where = "GPU" if self.device.type == "cuda" else "machine"
             raise ModelError(
                 f"a context of {self.max_len} tokens x {self.slots} slot(s) needs {need / 2**30:.1f} GiB of KV "
                 f"cache + {reserve / 2**30:.1f} GiB for weights and prefill buffers; the {where} has "

@@ -408,16 +408,16 @@ def test_chat_ctrl_c_keeps_a_consistent_cache(model):
 
     # Ctrl-C before the first token: the turn is undone, the cache rewound
     state = (list(chat.cached), model.pos, [dict(m) for m in chat.messages])
-    forward = model.net.forward
+    prefill = model.net.prefill
 
-    def interrupted_forward(*a, **k):
+    def interrupted_prefill(*a, **k):
         raise KeyboardInterrupt
 
-    model.net.forward = interrupted_forward
+    model.net.prefill = interrupted_prefill
     try:
         t = chat.say("Something long")
     finally:
-        model.net.forward = forward
+        model.net.prefill = prefill
     assert t.interrupted and not t.tokens
     assert (chat.cached, model.pos, chat.messages) == state
     assert not chat.say("Go on.").reprefilled

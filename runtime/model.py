@@ -246,9 +246,13 @@ class MoE:
         weights = weights / weights.sum(-1, keepdim=True) * a.route_scale
         return ids, weights
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Rows x (T, dim): every row's routed experts in one call (a prefill moves each layer's expert bytes once,
+        whatever T), the shared expert `chunk` rows at a time (its activations: chunk x moe_inter)."""
         ids, weights = self.route(x)
-        routed, shared = self.experts_on_cpu(x, ids, weights, lambda: self.shared(x))
+        step = chunk or max(1, len(x))
+        routed, shared = self.experts_on_cpu(x, ids, weights, lambda: torch.cat(
+            [self.shared(x[a:a + step]).float() for a in range(0, len(x), step)]) if len(x) else x.new_zeros(x.shape))
         return routed + shared.float()
 
     def experts_on_cpu(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, launch_shared):
@@ -273,6 +277,21 @@ class Block:
         x = x + self.attn(rms_norm(x, self.attn_norm, self.a.eps), pos, slots, bound, freqs)
         return x + self.ffn(rms_norm(x, self.ffn_norm, self.a.eps))
 
+    @torch.inference_mode()
+    def prefill(self, x: torch.Tensor, pos: torch.Tensor, slot: int, chunk: int, freqs: torch.Tensor) -> None:
+        """All rows x (T, dim) of one slot through this layer, in place: attention `chunk` rows at a time (each
+        chunk writes its cache entries, then attends to them and to every earlier one), then the feed-forward: a
+        MoE layer's routed experts for all T rows at once, the rest `chunk` rows at a time."""
+        T, eps = len(x), self.a.eps
+        for a in range(0, T, chunk):
+            b = min(T, a + chunk)
+            x[a:b] += self.attn(rms_norm(x[a:b], self.attn_norm, eps), pos[a:b], slot, int(pos[0]) + b, freqs[a:b])
+        if isinstance(self.ffn, MoE):
+            x += self.ffn(rms_norm(x, self.ffn_norm, eps), chunk)
+        else:
+            for a in range(0, T, chunk):
+                x[a:a + chunk] += self.ffn(rms_norm(x[a:a + chunk], self.ffn_norm, eps))
+
     def before_experts(self, x, pos, slots, bound, freqs):
         """A MoE block up to its routed experts: (residual after attention, normed input, expert ids, weights)."""
         x = x + self.attn(rms_norm(x, self.attn_norm, self.a.eps), pos, slots, bound, freqs)
@@ -285,11 +304,12 @@ def cache_bytes(a: Args, tokens: int, element_bytes: int) -> int:
     return a.n_layers * tokens * (a.kv_lora + a.rope) * element_bytes
 
 
-def prefill_reserve(a: Args, chunk: int) -> int:
-    """Bytes a prefill chunk's activations may take at once, kept free beside the cache: the absorbed queries,
-    accumulators and outputs (float32, rows x heads x kv_lora, a few of each), one block of scores, the MLP."""
-    return chunk * (4 * a.n_heads * a.kv_lora + 8 * max(a.inter, a.moe_inter * a.top_k) + 16 * a.dim) * 4 \
-        + 4 * 4 * (1 << 24)
+def prefill_reserve(a: Args, chunk: int, tokens: int = 0) -> int:
+    """Bytes a prefill may take at once beside the cache: the prompt's residual stream and its normed copy (float32,
+    tokens x dim, twice), and one chunk's activations: queries, accumulators and outputs (float32, rows x heads x
+    kv_lora, a few of each), a block of scores, the MLP's."""
+    return 2 * tokens * a.dim * 4 + chunk * (4 * a.n_heads * a.kv_lora + 8 * max(a.inter, a.moe_inter * a.top_k)
+                                             + 16 * a.dim) * 4 + 4 * 4 * (1 << 24)
 
 
 def free_memory(device: torch.device) -> int:
@@ -346,12 +366,13 @@ class Transformer:
         """Refuse a context whose KV cache (and a prefill chunk's buffers) would not fit `free` bytes."""
         a = self.a
         need = cache_bytes(a, self.max_len * self.slots, element)
-        reserve = prefill_reserve(a, self.chunk) + weights
+        reserve = prefill_reserve(a, self.chunk, self.max_len) + weights
         where = "GPU" if self.device.type == "cuda" else "machine"
         if reserve > free:
-            raise ModelError(f"the weights ({weights / 2**30:.1f} GiB) and a prefill chunk of {self.chunk} tokens "
-                             f"({(reserve - weights) / 2**30:.1f} GiB) need more than the {free / 2**30:.1f} GiB "
-                             f"the {where} has free; use a smaller chunk")
+            raise ModelError(f"the weights ({weights / 2**30:.1f} GiB) and the prefill buffers of {self.chunk}-token "
+                             f"chunks in a {self.max_len}-token context ({(reserve - weights) / 2**30:.1f} GiB) need "
+                             f"more than the {free / 2**30:.1f} GiB the {where} has free; use a smaller chunk or "
+                             "context")
         if need + reserve > free:
             per_token = cache_bytes(a, 1, element) * self.slots
             fits = max(0, (free - reserve) // per_token)
@@ -369,21 +390,27 @@ class Transformer:
 
     @torch.inference_mode()
     def prefill_chunks(self, tokens: torch.Tensor, start: int = 0, slot: int = 0, all_logits: bool = True):
-        """Prefill `tokens` at positions start.. of `slot` (whose cache holds 0..start-1), `chunk` tokens a pass;
-        yields (first position, float32 CPU logits) per chunk: every row (all_logits), else the chunk's last."""
+        """Prefill `tokens` at positions start.. of `slot` (whose cache holds 0..start-1); yields (first position,
+        float32 CPU logits) per `chunk` rows: every row (all_logits), else only the last row, once. Layer by layer
+        over the whole prompt (a layer's routed experts are fetched once for all its tokens, not once per chunk),
+        each layer's attention and dense parts `chunk` rows at a time; the residual stream of the prompt (T x dim,
+        float32) is the only tensor that grows with it."""
         T = tokens.shape[0]
         self._check_room(start, T)
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} of {self.slots}")
+        if T == 0:
+            return
+        pos = torch.arange(start, start + T, device=self.device)
+        x = self.embed[tokens.to(self.device)].float()
+        freqs = self.freqs[start:start + T]
+        for layer in self.layers:
+            layer.prefill(x, pos, slot, self.chunk, freqs)
+        if not all_logits:
+            yield start + T - 1, self.logits(x[-1:]).cpu()
+            return
         for a in range(0, T, self.chunk):
-            part = tokens[a:a + self.chunk].to(self.device)
-            p0 = start + a
-            pos = torch.arange(p0, p0 + part.shape[0], device=self.device)
-            x = self.embed[part].float()
-            freqs = self.freqs[p0:p0 + part.shape[0]]
-            for layer in self.layers:
-                x = layer(x, pos, slot, p0 + part.shape[0], freqs)
-            yield p0, self.logits(x if all_logits else x[-1:]).cpu()
+            yield start + a, self.logits(x[a:a + self.chunk]).cpu()
 
     def prefill(self, tokens: torch.Tensor, start: int = 0, slot: int = 0, all_logits: bool = False) -> torch.Tensor:
         """Logits (T, vocab) if all_logits, else (1, vocab) for the last token; see prefill_chunks."""

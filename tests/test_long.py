@@ -91,7 +91,7 @@ def test_context_plan_refuses_what_cannot_fit(model):
     assert per_token == net.a.n_layers * (net.a.kv_lora + net.a.rope) * 4
     net.plan_check(free=1 << 40, element=4)                        # plenty: no error
     with pytest.raises(ModelError, match=r"at most \d+ tokens per slot fit"):
-        net.plan_check(free=runtime.model.prefill_reserve(net.a, net.chunk) + per_token * 100, element=4)
+        net.plan_check(free=runtime.model.prefill_reserve(net.a, net.chunk, net.max_len) + per_token * 100, element=4)
     with pytest.raises(ModelError, match="smaller chunk"):
         net.plan_check(free=1 << 20, element=4)
 

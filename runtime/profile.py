@@ -87,7 +87,8 @@ def main(folder, text_file, ctx, max_tokens, out, against, threads, device, act_
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"{len(tokens)} tokens through {len(layers)} MoE layers" + (f"; profile written to {out}" if out else ""))
+    written = f"; profile written to {out}" if out else ""
+    click.echo(f"{len(tokens)} tokens through {len(layers)} MoE layers{written}")
     for r in result.get("hit_rates", []):
         click.echo(f"GPU holds {r['share']:4.0%} of the expert bytes: served from it, placed by {against.name} "
                    f"{r['profile']:6.1%}, by whole layers {r['whole_layers']:6.1%}")

@@ -324,17 +324,17 @@ class _HostBuffers:
 
     def __init__(self):
         self.rows = self.hidden = self.k = 0
-        self.lock = threading.Lock()
+        self.pinned = None
 
     def get(self, T: int, hidden: int, k: int, pinned: bool):
-        if T > self.rows or hidden != self.hidden or k != self.k:
-            rows = max(T, self.rows if (hidden, k) == (self.hidden, self.k) else 0)
+        if T > self.rows or (hidden, k, pinned) != (self.hidden, self.k, self.pinned):
+            rows = max(T, self.rows if (hidden, k, pinned) == (self.hidden, self.k, self.pinned) else 0)
             new = lambda *s, dt=torch.float32: torch.empty(s, dtype=dt, pin_memory=pinned)  # noqa: E731
             self.x, self.ids, self.w, self.out = new(rows, hidden), new(rows, k, dt=torch.int64), new(rows, k), \
                 new(rows, hidden)
             self.ids32, self.w_cpu = np.empty((rows, k), np.int32), np.empty((rows, k), np.float32)
             self.event = torch.cuda.Event() if pinned else None
-            self.rows, self.hidden, self.k = rows, hidden, k
+            self.rows, self.hidden, self.k, self.pinned = rows, hidden, k, pinned
         return self
 
 

@@ -1,4 +1,13 @@
 """
+Routed experts: where they live and how a layer's step runs them.
+
+- `MoEExperts`: one layer's experts on the CPU through ggml (below).
+- `LayerExperts`: one layer on both devices: the experts placed on the GPU (runtime.ggml_gpu, GGML bytes) and the
+  rest through MoEExperts, at once, beside the shared expert (decode: pinned buffers, events, no allocation).
+- placement (`plan_placement`, `setup_gpu`): which experts fill the GPU's spare memory: the most-hit of a routing
+  profile (`RoutingProfile`, runtime.profile) or whole layers; `hit_rate` is the share of expert bytes they serve.
+- `Streamer`: prefill's streaming of a long chunk's other experts host -> GPU, when that beats the CPU.
+
 Routed experts of one DeepSeek-V3 MoE layer on the CPU, with ggml's quantized kernels, straight from the
 merged folder's bytes (docs/FORMAT.md: `blk.N.ffn_{gate,up,down}_exps.weight`, flat U8 GGML blocks, expert e
 = the e-th equal slice; logical shape (experts, out, in)). Nothing is copied or dequantized: ggml reads the

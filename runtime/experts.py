@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -522,7 +523,7 @@ class Streamer:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="stage")
         self.pcie_bps: float | None = None
         self.cpu_pair_s: float | None = None
-        self.decisions: list[tuple] = []      # (layer, rows, bytes, predicted copy s, predicted CPU s, streamed)
+        self.decisions = deque(maxlen=1024)   # recent (layer, rows, bytes, predicted copy s, CPU s, streamed)
 
     @property
     def device_bytes(self) -> int:

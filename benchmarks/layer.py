@@ -157,7 +157,7 @@ def main():
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         t0 = time.perf_counter()
         folder = build_folder(Path(tmp), args.experts, rng)
-        net = Transformer(folder, max_len=4096, threads=threads, device="cuda", fp8=True)
+        net = Transformer(folder, max_len=4096, threads=threads, device="cuda", fp8=True, gpu_memory=0)  # CPU experts
         print(f"built and loaded in {time.perf_counter() - t0:.0f} s; {threads} CPU threads", flush=True)
         moe_layer = net.layers[1]
         assert isinstance(moe_layer.ffn, MoE) and not isinstance(net.layers[0].ffn, MoE)
@@ -184,13 +184,13 @@ def main():
             shared_graph.replay()
 
         def cpu_only():
-            moe.experts.forward(*arrays)
+            moe.experts.cpu.forward(*arrays)
 
         def moe_part(overlap: bool):                             # what the runtime does between the two graphs
             if overlap:
-                r, _ = moe.experts_on_cpu(h, ids, weights, shared_graph.replay)
+                r, _ = moe.experts.cpu_part(h, ids, weights, shared_graph.replay)
             else:
-                r, _ = moe.experts_on_cpu(h, ids, weights, lambda: None)
+                r, _ = moe.experts.cpu_part(h, ids, weights)
                 shared_graph.replay()
             routed.copy_(r)
 

@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ACT_TERMS_HELP = ("GPU FP8 linears: activations as 2 e4m3 terms (x and its remainder, ~7 bits) or 1 "
                   "(DeepSeek's scheme, 3 bits; faster prefill).")
 DEFAULT_MODEL = ROOT / "out" / "tiny-deepseek-v3"
+GPU_MEMORY_HELP = ("GiB of GPU memory the model may take in all: weights, KV cache, buffers, and the routed experts "
+                   "that fill the rest (default: all that is free).")
 
 
 class ContextFull(Exception):
@@ -247,10 +249,11 @@ def _emit(piece: str) -> None:
 @click.option("--prompt", default=None, help="Answer this one prompt and exit.")
 @click.option("--allow-unverified", is_flag=True, help="Serve a folder whose manifest.json says verified: false.")
 @click.option("--ctx", type=click.IntRange(min=2), default=4096, show_default=True, help="Context length (tokens).")
+@click.option("--gpu-memory", type=click.FloatRange(min=0), default=None, help=GPU_MEMORY_HELP)
 def main(folder, device, act_terms, threads, max_new_tokens, temperature, top_p, seed, system, prompt,
-         allow_unverified, ctx):
+         allow_unverified, ctx, gpu_memory):
     """Chat with a merged DeepSeek-V3 model (interactive; /exit, /reset; Ctrl-C stops a reply)."""
-    model = load_model(folder, device, threads, ctx, allow_unverified, act_terms)
+    model = load_model(folder, device, threads, ctx, allow_unverified, act_terms, gpu_memory)
     defaults = _generation_defaults(folder)
     temperature = defaults.get("temperature", 1.0) if temperature is None else temperature
     top_p = defaults.get("top_p", 1.0) if top_p is None else top_p

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.attention import mla_attend
-from runtime.experts import MoEExperts
+from runtime.experts import LayerExperts, setup_gpu
 from runtime.load import Folder, ModelError, bf16, fp8_dequant
 
 
@@ -223,14 +223,15 @@ class MLP:
 
 
 class MoE:
-    """Sigmoid router with correction bias and group-limited top-k; routed experts on the CPU via ggml."""
+    """Sigmoid router with correction bias and group-limited top-k; routed experts through runtime.experts (ggml on
+    the CPU, and on the GPU those placed there), the shared expert beside them on the model's device."""
 
     def __init__(self, a: Args, w: Weights, i: int, threads: int | None):
         b = f"blk.{i}."
         self.a = a
         self.router = w.plain(b + "ffn_gate_inp.weight").float()
         self.bias = w.plain(b + "exp_probs_b.bias").float()
-        self.experts = MoEExperts.from_folder(w.f, i, threads=threads)
+        self.experts = LayerExperts.from_folder(w.f, i, threads=threads)
         self.shared = MLP(w, b + "ffn_", suffix="_shexp")
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,21 +248,20 @@ class MoE:
         return ids, weights
 
     def __call__(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-        """Rows x (T, dim): every row's routed experts in one call (a prefill moves each layer's expert bytes once,
-        whatever T), the shared expert `chunk` rows at a time (its activations: chunk x moe_inter)."""
+        """Rows x (T, dim) -> float32 (T, dim): a decode batch, or all rows of a prompt (a prefill moves each layer's
+        expert bytes once, whatever T), the shared expert then `chunk` rows at a time (activations: chunk x inter)."""
         ids, weights = self.route(x)
         step = chunk or max(1, len(x))
-        routed, shared = self.experts_on_cpu(x, ids, weights, lambda: torch.cat(
+        routed, shared = self.experts(x, ids, weights, lambda: torch.cat(
             [self.shared(x[a:a + step]).float() for a in range(0, len(x), step)]) if len(x) else x.new_zeros(x.shape))
         return routed + shared.float()
 
-    def experts_on_cpu(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, launch_shared):
-        """The routed experts through ggml on the CPU, with `launch_shared()` (the shared expert) queued on the GPU
-        first, so that both run at once. Returns (routed, float32 on x's device; what launch_shared returned)."""
-        host = [t.to("cpu") for t in (x.float(), ids.to(torch.int32), weights.float())]   # waits for the GPU
-        shared = launch_shared()
-        routed = self.experts.forward(*(t.numpy() for t in host))
-        return torch.from_numpy(routed).to(x.device), shared
+    def gpu_side(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Everything of the layer's FFN that runs on the GPU: the shared expert + the resident routed experts'
+        share (no host sync: one CUDA graph in a decode step). float32 (rows, dim)."""
+        shared = self.shared(x).float()
+        resident = self.experts.gpu_part(x, ids, weights)
+        return shared if resident is None else shared + resident
 
 
 class Block:
@@ -324,13 +324,15 @@ def free_memory(device: torch.device) -> int:
 class Transformer:
     def __init__(self, folder: Folder, max_len: int = 4096, threads: int | None = None,
                  device: str | torch.device = "cpu", fp8: bool = False, emulate_fp8: bool = False,
-                 act_terms: int = 2, slots: int = 1, chunk: int = 2048):
+                 act_terms: int = 2, slots: int = 1, chunk: int = 2048, gpu_memory: float | None = None):
         """`fp8`: FP8 linears stay FP8 and run on runtime.fp8's kernels, their inputs quantized to `act_terms` e4m3
         terms (1: DeepSeek's scheme; 2: also the remainder, ~7 bits); else they are dequantized to bf16 at load,
         and `emulate_fp8` rounds their inputs as the kernels would (the FP8 path's numerics, without the kernels).
         `slots` sequences of up to `max_len` positions each get a KV cache, planned up front: a context past the
         model's max_position_embeddings, or one whose cache would not fit the device's free memory, is refused
-        (ModelError) before anything is loaded. Prompts are prefilled `chunk` tokens a pass."""
+        (ModelError) before anything is loaded. Prompts are prefilled `chunk` tokens a pass. On a GPU, routed experts
+        fill what is left of its memory (at most `gpu_memory` GiB in all for this process, if given; see
+        runtime.experts.setup_gpu), and long prefill chunks stream the rest there."""
         self.a = a = Args.from_config(folder.config)
         self.device = torch.device(device)
         self.max_len, self.slots, self.chunk = max_len, slots, min(chunk, max_len)
@@ -348,6 +350,10 @@ class Transformer:
         self.layers = [Block(a, w, i, max_len, threads, slots) for i in range(a.n_layers)]
         self.freqs = yarn_freqs(a, max_len).to(self.device)
         self.graphs: GraphedDecode | None = None
+        self.placement = None
+        if self.device.type == "cuda":
+            moe = {i: l.ffn.experts for i, l in enumerate(self.layers) if isinstance(l.ffn, MoE)}
+            self.placement = setup_gpu(moe, folder, self.device, prefill_reserve(a, self.chunk), gpu_memory)
 
     def weight_bytes(self, folder: Folder, fp8: bool) -> int:
         """What the weights will take on the device: everything but the routed experts (which stay in the
@@ -485,10 +491,10 @@ class GraphedDecode:
             if isinstance(layer.ffn, MoE):
                 x, h, ids, weights = self._capture(steps, pool, lambda c=carry, l=layer: l.before_experts(
                     self._resume(c, token), pos, slots, span, net.freqs[pos]))
-                shared_graph, shared = self._graph(pool, lambda l=layer, h=h: l.ffn.shared(h))
+                gpu_graph, gpu_side = self._graph(pool, lambda f=layer.ffn, h=h, i=ids, w=weights: f.gpu_side(h, i, w))
                 routed = torch.zeros_like(x)
-                steps.append((layer.ffn, shared_graph, h, ids, weights, routed))
-                carry = (x, shared, routed)
+                steps.append((layer.ffn, gpu_graph, h, ids, weights, routed))
+                carry = (x, gpu_side, routed)
             else:
                 carry = (self._capture(steps, pool, lambda c=carry, l=layer: l(self._resume(c, token), pos, slots,
                                                                                  span, net.freqs[pos])),)
@@ -535,6 +541,6 @@ class GraphedDecode:
             if isinstance(step, torch.cuda.CUDAGraph):
                 step.replay()
                 continue
-            moe, shared_graph, h, ids, weights, routed = step
-            routed.copy_(moe.experts_on_cpu(h, ids, weights, shared_graph.replay)[0])
+            moe, gpu_graph, h, ids, weights, routed = step            # the CPU's experts land in `routed`
+            moe.experts.cpu_part(h, ids, weights, gpu_graph.replay, out=routed)
         return logits

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from runtime.chat import ACT_TERMS_HELP, DEFAULT_MODEL, _fail, load_model
+from runtime.chat import ACT_TERMS_HELP, DEFAULT_MODEL, GPU_MEMORY_HELP, _fail, load_model
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,16 +36,18 @@ from runtime.chat import ACT_TERMS_HELP, DEFAULT_MODEL, _fail, load_model
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: physical cores).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--act-terms", type=click.IntRange(1, 2), default=2, show_default=True, help=ACT_TERMS_HELP)
+@click.option("--gpu-memory", type=click.FloatRange(min=0), default=None, help=GPU_MEMORY_HELP)
 @click.option("--allow-unverified", is_flag=True, help="Serve a folder whose manifest.json says verified: false.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout instead of the text line.")
-def main(folder, text_file, ctx, chunk, save_logits, threads, device, act_terms, allow_unverified, as_json):
+def main(folder, text_file, ctx, chunk, save_logits, threads, device, act_terms, gpu_memory, allow_unverified,
+         as_json):
     """Perplexity of a merged model on the first --ctx tokens of a text file."""
     try:
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         click.echo(f"error: {text_file}: cannot read the text ({getattr(e, 'strerror', None) or e})", err=True)
         sys.exit(2)
-    model = load_model(folder, device, threads, ctx, allow_unverified, act_terms, chunk=chunk)
+    model = load_model(folder, device, threads, ctx, allow_unverified, act_terms, chunk=chunk, gpu_memory=gpu_memory)
 
     import numpy as np
     import torch

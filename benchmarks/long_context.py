@@ -8,9 +8,10 @@ runtime.model.Transformer(device="cuda", fp8=True) as a merged folder would be.
 
 Prefill: each prompt from an empty cache, `--chunk` tokens a pass, last-token logits only; tokens/s, the peak GPU
 memory, and the time per layer (each layer's pass synchronized once), projected to DeepSeek-V3 as
-3 x dense + 58 x MoE. The PCIe bound: the routed experts' bytes that cross for a prompt (every expert a chunk routes
-to, once per MoE layer per chunk; at DeepSeek's size a long chunk routes to nearly all 256) over the pinned
-host-to-device bandwidth measured here.
+3 x dense + 58 x MoE. The PCIe bound: the routed experts' bytes that cross for a prompt (the runtime prefills layer by
+layer, so each expert the prompt routes to crosses once per MoE layer; a long prompt routes to all 256) over the
+pinned host-to-device bandwidth measured here. No expert is resident (make_resident([])): each of DeepSeek-V3's 58
+layers would have to stream, as on a card that holds few.
 Decode: one sequence at positions --positions (its cache filled with random values, which costs what real ones
 do): the step through the runtime's graphs, and the MoE layer's GPU attention + router alone (a graph), whose time
 at 32K should stay within 1.25x of its time at 1K.
@@ -116,8 +117,11 @@ def main():
         slots = max(args.batches)
         net = Transformer(folder, max_len=max_len, threads=threads, device="cuda", fp8=True, slots=slots,
                           chunk=args.chunk)
-        dense_i = 0
-        moe_i = 1
+        dense_i, moe_i = 0, 1
+        experts = net.layers[moe_i].ffn.experts
+        experts.make_resident([], net.device)        # none resident: each of DeepSeek-V3's 58 layers would stream
+        streamer = experts.streamer
+        res["streaming"] = streamer is not None
 
         # ------------------------------------------------------------------ prefill
         warm = torch.randint(0, CONFIG["vocab_size"], (min(512, args.chunk),))
@@ -133,17 +137,19 @@ def main():
                 torch.cuda.synchronize()
                 t = time.perf_counter() - t0
             peak = torch.cuda.max_memory_allocated()
-            chunks = -(-T // args.chunk)
-            crossing = chunks * min(256, T * TOPK) * EXPERT_BYTES * LAYERS_MOE    # upper bound: every expert per chunk
+            crossing = min(256, T * TOPK) * EXPERT_BYTES * LAYERS_MOE   # each layer's experts once per prompt
             proj = LAYERS_DENSE * lt.times[dense_i] + LAYERS_MOE * lt.times[moe_i]
             row = dict(tokens=T, seconds=t, tok_s=T / t, peak_gpu_gib=peak / 2**30,
                        peak_above_weights_gib=(peak - base) / 2**30, dense_layer_s=lt.times[dense_i],
                        moe_layer_s=lt.times[moe_i], projected_tok_s=T / proj,
                        pcie_bound_tok_s=T / (crossing / h2d), projected_vs_pcie_bound=(crossing / h2d) / proj)
+            if streamer is not None and streamer.decisions:
+                row["streamed"] = bool(streamer.decisions[-1][-1])
             res["prefill"].append(row)
             print(f"prefill {T:6d}: {T / t:8.0f} tok/s (2 layers), peak GPU {peak / 2**30:6.1f} GiB; per layer dense "
                   f"{lt.times[dense_i]:.2f} s, MoE {lt.times[moe_i]:.2f} s; DeepSeek-V3 projected "
-                  f"{T / proj:7.0f} tok/s, PCIe bound {T / (crossing / h2d):7.0f} tok/s", flush=True)
+                  f"{T / proj:7.0f} tok/s, PCIe bound {T / (crossing / h2d):7.0f} tok/s"
+                  f"{'; experts streamed' if row.get('streamed') else '; CPU experts'}", flush=True)
 
         # ------------------------------------------------------------------ decode at long positions
         moe_layer = net.layers[moe_i]

@@ -343,7 +343,10 @@ class Transformer:
         if slots < 1 or chunk < 1 or max_len < 1:
             raise ModelError(f"context {max_len}, slots {slots} and chunk {chunk} must all be at least 1")
         element = 2 if self.device.type == "cuda" else 4
-        self.plan_check(free_memory(self.device), element, weights=self.weight_bytes(folder, fp8))
+        free = free_memory(self.device)
+        if gpu_memory is not None and self.device.type == "cuda":       # the cap covers the whole model
+            free = min(free, int(gpu_memory * 2**30))
+        self.plan_check(free, element, weights=self.weight_bytes(folder, fp8))
         w = Weights(folder, self.device, fp8, emulate_fp8, act_terms)
         self.embed = w.plain("token_embd.weight")
         self.norm, self.head = w.plain("output_norm.weight"), w.linear("output.weight")
@@ -353,7 +356,8 @@ class Transformer:
         self.placement = None
         if self.device.type == "cuda":
             moe = {i: l.ffn.experts for i, l in enumerate(self.layers) if isinstance(l.ffn, MoE)}
-            self.placement = setup_gpu(moe, folder, self.device, prefill_reserve(a, self.chunk), gpu_memory)
+            self.placement = setup_gpu(moe, folder, self.device, prefill_reserve(a, self.chunk, max_len),
+                                       gpu_memory)
 
     def weight_bytes(self, folder: Folder, fp8: bool) -> int:
         """What the weights will take on the device: everything but the routed experts (which stay in the

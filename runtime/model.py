@@ -344,7 +344,7 @@ class Transformer:
             raise ModelError(f"context {max_len}, slots {slots} and chunk {chunk} must all be at least 1")
         element = 2 if self.device.type == "cuda" else 4
         free = free_memory(self.device)
-        if gpu_memory is not None and self.device.type == "cuda":       # the cap covers the whole model
+        if gpu_memory and self.device.type == "cuda":   # the cap covers the whole model (0: no resident experts)
             free = min(free, int(gpu_memory * 2**30))
         self.plan_check(free, element, weights=self.weight_bytes(folder, fp8))
         w = Weights(folder, self.device, fp8, emulate_fp8, act_terms)

@@ -75,11 +75,11 @@ def test_forced_split_and_its_decode_graphs(ref, cpu_experts):
     ids, ref_logits, folder = ref
     net = Transformer(folder, max_len=1024, device="cuda", fp8=FP8, gpu_memory=0)
     layers = moe_layers(net)
-    per = next(iter(layers.values())).per_expert
+    per = max(le.per_expert for le in layers.values())        # layers differ (Q4_K or Q6_K down)
     rng = np.random.default_rng()
-    counts = {i: rng.integers(0, 100, 16) for i in layers}                 # a random 'profile': 20 of 48 experts
+    counts = {i: rng.integers(0, 100, 16) for i in layers}                 # a random 'profile': ~20 of 48 experts
     placement = X.place_experts(layers, "cuda", 20 * per, X.RoutingProfile(counts, 1))
-    assert placement.bytes == 20 * per and all(0 < le.resident.sum() < 16 for le in layers.values())
+    assert 19 * per <= placement.bytes <= 20 * per and all(0 < le.resident.sum() < 16 for le in layers.values())
     full = net.forward(torch.tensor(ids))
     check("20 of 48 experts on the GPU", ref_logits, cpu_experts, full)
     n = 300                                        # prefill 200, then decode through the graphs (two spans)

@@ -212,8 +212,9 @@ def main():
         GG.GEMM["cuda"] = default
         res["prefill"][T] = row
 
-    print(f"\nsummary ({res['device']}): copy {bw:.0f} GB/s; decode 1 token {res['decode_1tok'][str(default)]['GBps']:.0f}"
-          f" GB/s ({res['decode_1tok'][str(default)]['of_copy']:.0%}), best GEMV config {best}; prefill 8192 "
+    one = res["decode_1tok"][str(GG.GEMV["cuda"])]
+    print(f"\nsummary ({res['device']}): copy {bw:.0f} GB/s; decode 1 token {one['GBps']:.0f} GB/s "
+          f"({one['of_copy']:.0%}), best GEMV config {best}; prefill 8192 "
           f"{res['prefill'][8192][str(default)]['of_bf16']:.0%} of bf16 matmul")
     if as_json:
         print(json.dumps(res))

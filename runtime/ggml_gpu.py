@@ -38,7 +38,7 @@ _LAYOUT = {Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210), Q8_0: (32, 34),
 SUPPORTED: frozenset[int] = frozenset(_LAYOUT)
 NAMES = {Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", Q8_0: "Q8_0", Q5_0: "Q5_0"}
 
-DECODE_MAX_TOKENS = 16      # moe(): up to this many tokens take the GEMV path, more the grouped GEMM (see BENCHMARKS.md)
+DECODE_MAX_TOKENS = 16      # moe(): up to this many tokens take the GEMV path, more the grouped GEMM
 # Tile shapes, per device kind. GEMV: (weight rows per program, 32-value groups per K step, warps); GEMM: (pairs per
 # tile, weight rows per tile, 32-value groups per K step, warps). Triton's CPU interpreter runs every program in
 # Python, op by op: there, few large programs (same kernels, same results).
@@ -306,7 +306,8 @@ def _gemm_gate_up_kernel(x, order, tile_e, tile_start, tile_stop, gw, uw, h, K, 
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K // 32, G):
-            a = tl.load(x + tok[:, None] * K + k0 * 32 + kk[None, :], mask=im[:, None] & (k0 * 32 + kk < K)[None, :], other=0.0)
+            km = (k0 * 32 + kk < K)[None, :]
+            a = tl.load(x + tok[:, None] * K + k0 * 32 + kk[None, :], mask=im[:, None] & km, other=0.0)
             a = _bf16(a.to(tl.float32), F32)
             acc_g = _dot(a, _weight_tile(GT, gw + er * g_rb, nm, k0, K // 32, BN, G, F32), acc_g, F32)
             acc_u = _dot(a, _weight_tile(UT, uw + er * u_rb, nm, k0, K // 32, BN, G, F32), acc_u, F32)
@@ -331,7 +332,8 @@ def _gemm_down_kernel(h, order, wts, tile_e, tile_start, tile_stop, dw, out, K, 
         kk = tl.arange(0, G * 32)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K // 32, G):
-            a = tl.load(h + i.to(tl.int64)[:, None] * K + k0 * 32 + kk[None, :], mask=im[:, None] & (k0 * 32 + kk < K)[None, :], other=0.0)
+            km = (k0 * 32 + kk < K)[None, :]
+            a = tl.load(h + i.to(tl.int64)[:, None] * K + k0 * 32 + kk[None, :], mask=im[:, None] & km, other=0.0)
             acc = _dot(a, _weight_tile(DT, dw + er * d_rb, nm, k0, K // 32, BN, G, F32), acc, F32)
         w = tl.load(wts + p, mask=im, other=0.0).to(tl.float32)
         tok = (p // k_top).to(tl.int64)
@@ -365,17 +367,17 @@ def _moe_gemm(x, ids, weights, local, gate, up, down):
     inter, hidden = gate.rows, gate.cols
     n_local = gate.data.shape[0]
     BM, BN, G, warps = GEMM[x.device.type]
+    interpreted = x.device.type != "cuda"          # Triton's CPU interpreter: see _dot and _bf16
     order, tile_e, tile_start, tile_stop, n_tiles = _schedule(ids, local, n_local, BM)
     h = torch.empty((T * k, inter), dtype=torch.bfloat16, device=x.device)   # rows in sorted-pair order
     out = torch.zeros((T, hidden), dtype=torch.float32, device=x.device)
     _gemm_gate_up_kernel[(triton.cdiv(inter, BN), n_tiles)](
         x, order, tile_e, tile_start, tile_stop, gate.data, up.data, h, hidden, inter, k, n_local,
-        gate.row_bytes, up.row_bytes, GT=gate.ggml_type, UT=up.ggml_type, BM=BM, BN=BN, G=G, F32=x.device.type != "cuda",
+        gate.row_bytes, up.row_bytes, GT=gate.ggml_type, UT=up.ggml_type, BM=BM, BN=BN, G=G, F32=interpreted,
         num_warps=warps)
     _gemm_down_kernel[(triton.cdiv(hidden, BN), n_tiles)](
         h, order, weights, tile_e, tile_start, tile_stop, down.data, out, inter, hidden, k, n_local,
-        down.row_bytes, DT=down.ggml_type, BM=BM, BN=BN, G=G, F32=x.device.type != "cuda",
-        num_warps=warps)
+        down.row_bytes, DT=down.ggml_type, BM=BM, BN=BN, G=G, F32=interpreted, num_warps=warps)
     return out
 
 

@@ -9,7 +9,8 @@ runtime/ggml_gpu.py on the GPU, every figure against a bound measured in the sam
   (1.8 GB, far past the L2): expert bytes / time as GB/s and its share of the copy bandwidth; over a few tile shapes
   (--quick: the module's default only); then T = 1..64 tokens through both paths (the DECODE_MAX_TOKENS crossover);
 - prefill: 512, 2048, 8192 tokens, k = 8 of 256 experts all resident, through the grouped GEMM: TFLOP/s (6 x hidden x
-  inter per token-expert pair) against one bf16 torch.matmul of the same FLOPs, over a few tile shapes.
+  inter per token-expert pair) against one bf16 torch.matmul of the same FLOPs, over a few tile shapes (--quick: the
+  module's default only).
 
 Before timing, a check: GEMV and GEMM results against a float64 reference (one token, and 64 tokens).
 
@@ -39,8 +40,10 @@ dev = torch.device("cuda")
 HIDDEN, INTER, EXPERTS, K = 7168, 2048, 256, 8
 F16_FIELDS = {GG.Q4_K: (0, 2), GG.Q5_K: (0, 2), GG.Q6_K: (208,), GG.Q8_0: (0,), GG.Q5_0: (0,)}
 F16_SCALE = {GG.Q4_K: 2e-4, GG.Q5_K: 1e-4, GG.Q6_K: 5e-5, GG.Q8_0: 1e-3, GG.Q5_0: 6e-3}
-GEMV_CONFIGS = [(8, 8, 4), (4, 8, 4), (16, 8, 4), (8, 8, 8), (16, 8, 8), (8, 16, 4)]      # (rows, groups, warps)
-GEMM_CONFIGS = [(64, 64, 2, 4), (64, 128, 2, 4), (128, 64, 2, 4), (128, 128, 2, 8), (64, 64, 4, 4)]
+# tile shapes swept: GEMV (rows, groups, warps), GEMM (BM, BN, groups, warps); none spills registers
+# (benchmarks/ggml_gpu_sass.py --gemv / --gemm; a 256 x 64 GEMM tile does)
+GEMV_CONFIGS = [(8, 8, 4), (4, 8, 4), (16, 8, 4), (8, 8, 8), (16, 8, 8), (8, 16, 4)]
+GEMM_CONFIGS = [(64, 64, 2, 4), (128, 64, 2, 8), (64, 128, 2, 4), (128, 128, 2, 8), (128, 64, 4, 8)]
 
 
 def random_stack(t, n, rows, cols, gen) -> GG.GpuStack:
@@ -203,7 +206,7 @@ def main():
         flops = 6 * T * K * HIDDEN * INTER
         base = matmul_tflops(T * K, 3 * INTER, HIDDEN, gen)        # same FLOPs: (pairs, hidden) x (hidden, 3 inter)
         row = {"bf16_matmul_TFLOPs": base}
-        for cfg in [default] + ([] if quick or T != 2048 else [c for c in GEMM_CONFIGS if c != default]):
+        for cfg in [default] + ([] if quick else [c for c in GEMM_CONFIGS if c != default]):
             GG.GEMM["cuda"] = cfg
             ms = bench_ms(lambda: GG.moe(x, ids, w, local, gate, up, down, method="gemm"))
             row[str(cfg)] = {"ms": ms, "TFLOPs": flops / ms / 1e9, "of_bf16": flops / ms / 1e9 / base}

@@ -5,9 +5,10 @@ whether it is built as meant: global load widths (LDG.E.128 = 16-byte loads of t
 conversions (I2F: slow pipe, none should be left), FFMA, HGMMA (the prefill GEMM on Hopper's tensor cores),
 RED (atomic adds).
 
-    python benchmarks/ggml_gpu_sass.py          (writes PTX, cubin and SASS to /tmp/ggml_gpu_sass/)
+    python benchmarks/ggml_gpu_sass.py [--gemv R G WARPS] [--gemm BM BN G WARPS]
+                                                (writes PTX, cubin and SASS to /tmp/ggml_gpu_sass/)
 
-Costs no device time; the tile shapes are the module's GEMV["cuda"] / GEMM["cuda"] defaults.
+Costs no device time; tile shapes: the module's GEMV["cuda"] / GEMM["cuda"] defaults, or the ones given.
 """
 import re
 import subprocess
@@ -49,13 +50,20 @@ def build(name, fn, sig, consts, **opts):
     print(f"{name:16s} regs {regs:>3s} stack {stack:>3s}  {ops}")
 
 
+def option(name, default):
+    if name not in sys.argv:
+        return default
+    i = sys.argv.index(name) + 1
+    return tuple(int(v) for v in sys.argv[i:i + len(default)])
+
+
 def main():
     OUT.mkdir(exist_ok=True)
     u8, i32 = "*u8", "i32"
     for t in sorted(GG.SUPPORTED):
         build(f"dequant_{GG.NAMES[t]}", GG._dequant_kernel, dict(src=u8, dst="*fp32", n_rows=i32, rbytes=i32, cols=i32),
               dict(TYPE=t, R=GG.DEQ_ROWS, G=GG.DEQ_GROUPS), num_warps=4, enable_fp_fusion=False)
-    R, G, warps = GG.GEMV["cuda"]
+    R, G, warps = option("--gemv", GG.GEMV["cuda"])
     for gt, dt in ((GG.Q4_K, GG.Q6_K), (GG.Q4_K, GG.Q4_K)):
         build(f"gemv_gate_up_{GG.NAMES[gt]}", GG._gemv_gate_up_kernel,
               dict(x="*fp32", ids="*i64", local="*i32", gw=u8, uw=u8, h="*fp32", K=i32, N=i32, k_top=i32, g_rb=i32,
@@ -63,7 +71,7 @@ def main():
         build(f"gemv_down_{GG.NAMES[dt]}", GG._gemv_down_kernel,
               dict(h="*fp32", ids="*i64", wts="*fp32", local="*i32", dw=u8, y="*fp32", K=i32, N=i32,
                    d_rb=i32), dict(DT=dt, R=R, G=G), num_warps=warps)
-    BM, BN, G, warps = GG.GEMM["cuda"]
+    BM, BN, G, warps = option("--gemm", GG.GEMM["cuda"])
     tiles = dict(order="*i32", tile_e="*i32", tile_start="*i32", tile_stop="*i32")
     build("gemm_gate_up_Q4_K", GG._gemm_gate_up_kernel,
           dict(x="*fp32", **tiles, gw=u8, uw=u8, h="*bf16", K=i32, N=i32, k_top=i32, n_local=i32, g_rb=i32, u_rb=i32),

@@ -389,7 +389,8 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, local: torch.
     e = local[ids[t, j]]; float32 (T, hidden). x (T, hidden) float32 or bf16; ids (T, k) integer global expert ids;
     weights (T, k); local (n_experts,) int32, -1 for experts not in these stacks.
     method: "gemv" (decode), "gemm" (prefill) or None: gemv up to DECODE_MAX_TOKENS tokens. The gemv path makes
-    no host sync and no data-dependent allocation (CUDA-graph capturable); so does the gemm path."""
+    no host sync and no data-dependent allocation: CUDA-graph capturable (tested). The gemm path makes no host sync
+    either (its grid is an upper bound of tiles; capture untested: torch.sort's)."""
     T, k = ids.shape
     n_local, inter, hidden = gate.data.shape[0], gate.rows, gate.cols
     if (up.data.shape[0], up.rows, up.cols) != (n_local, inter, hidden) or \

@@ -11,8 +11,8 @@ here is built on it:
   in ggml's C (a fused multiply-add would round once and differ in the last bit).
 - decode (`moe` with few tokens): one program per (block of weight rows, token-expert pair) streams the rows' bytes
   once, dots them with x in float32 and never writes dequantized weights; gate and up share the program (and x),
-  silu(gate) * up goes to a small float32 buffer, and down sums the token's k experts in a fixed order (no atomics,
-  deterministic). Fixed shapes and no host syncs: capturable in a CUDA graph.
+  silu(gate) * up goes to a small float32 buffer; down writes each pair's weighted rows, summed over the token's k
+  experts by torch (no atomics: deterministic). Fixed shapes, no host syncs: capturable in a CUDA graph.
 - prefill (`moe` with many tokens): token-expert pairs sorted by expert on the GPU (torch.sort, searchsorted: no
   host sync either), tiles of BM pairs of one expert; each program dequantizes its weight tile to bf16 in registers
   and feeds tl.dot (fp32 accumulation); down's results are added into the output with atomics (k per token).
@@ -38,7 +38,7 @@ _LAYOUT = {Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210), Q8_0: (32, 34),
 SUPPORTED: frozenset[int] = frozenset(_LAYOUT)
 NAMES = {Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", Q8_0: "Q8_0", Q5_0: "Q5_0"}
 
-DECODE_MAX_TOKENS = 16      # moe(): up to this many tokens take the GEMV path, more the grouped GEMM (see BENCHMARKS.md)
+DECODE_MAX_TOKENS = 16      # moe(): up to this many tokens take the GEMV path, more the grouped GEMM
 # Tile shapes, per device kind. GEMV: (weight rows per program, 32-value groups per K step, warps); GEMM: (pairs per
 # tile, weight rows per tile, 32-value groups per K step, warps). Triton's CPU interpreter runs every program in
 # Python, op by op: there, few large programs (same kernels, same results).
@@ -79,6 +79,14 @@ def _f16(p, m):
 
 
 @triton.jit
+def _i2f(q):
+    """Small int32 (|q| < 2^22) -> float32, exactly, on the full-rate ALUs: the float with bits 0x4B000000 + q + 128
+    is 2^23 + q + 128 (one unit per step at 2^23), minus 2^23 + 128 (exact). The GPU's int-to-float conversion
+    (I2F) runs at a quarter of the FMA rate or less, under what a decode GEMV needs per byte."""
+    return (q + (0x4B000000 + 128)).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
 def _kscale(sc_ptr, s, m):
     """ggml's get_scale_min_k4: the 6-bit scale and min of 32-value group s (0..7) of a Q4_K/Q5_K block."""
     lo = _u8(sc_ptr + s, m)                                  # scales[s]
@@ -86,7 +94,7 @@ def _kscale(sc_ptr, s, m):
     lo4 = _u8(sc_ptr + tl.where(s >= 4, s - 4, s), m)        # scales[s - 4]
     sc = tl.where(s < 4, lo & 63, (hi & 15) | ((lo4 >> 6) << 4))
     mn = tl.where(s < 4, hi & 63, (hi >> 4) | ((lo >> 6) << 4))
-    return sc.to(tl.float32), mn.to(tl.float32)
+    return _i2f(sc), _i2f(mn)
 
 
 @triton.jit
@@ -115,22 +123,22 @@ def _weights(TYPE: tl.constexpr, row, g, l, m):
         sc_ptr = blk + 192 + n * 8 + j * 2       # int8 scales[8n + 2j + l // 16]
         sc0, sc1 = _u8(sc_ptr, m), _u8(sc_ptr + 1, m)
         sc = tl.where(l < 16, sc0 - ((sc0 & 128) << 1), sc1 - ((sc1 & 128) << 1))
-        scale = _f16(blk + 208, m) * sc.to(tl.float32)
-        offset = 0.0
+        scale = _f16(blk + 208, m) * _i2f(sc)
+        offset = tl.zeros_like(scale)
     elif TYPE == 8:                              # Q8_0
         blk = row + g * 34
         b = _u8(blk + 2 + l, m)
         q = b - ((b & 128) << 1)
         scale = _f16(blk, m)
-        offset = 0.0
+        offset = tl.zeros_like(scale)
     else:                                        # Q5_0
         tl.static_assert(TYPE == 6)
         blk = row + g * 22
         hb = (_u8(blk + 2 + l // 8, m) >> (l % 8)) & 1
         q = (((_u8(blk + 6 + l % 16, m) >> ((l // 16) * 4)) & 15) | (hb << 4)) - 16
         scale = _f16(blk, m)
-        offset = 0.0
-    return q.to(tl.float32), scale, offset
+        offset = tl.zeros_like(scale)
+    return _i2f(q), scale, offset
 
 
 # ---------------------------------------------------------------------------------------------- dequantize
@@ -220,36 +228,32 @@ def _gemv_gate_up_kernel(x, ids, local, gw, uw, h, K, N, k_top, g_rb, u_rb,
 
 
 @triton.jit
-def _gemv_down_kernel(h, ids, wts, local, dw, out, K, N, k_top, d_rb,
-                      DT: tl.constexpr, R: tl.constexpr, G: tl.constexpr):
-    """out[t, rows] = sum_j wts[t, j] * down_e h[t * k_top + j] over the token's pairs with local experts."""
-    pid_n, t = tl.program_id(0), tl.program_id(1)
+def _gemv_down_kernel(h, ids, wts, local, dw, y, K, N, d_rb, DT: tl.constexpr, R: tl.constexpr, G: tl.constexpr):
+    """y[p, rows] = wts[p] * down_e h[p] for pair p (zeros where e = local[ids[p]] < 0)."""
+    pid_n, p = tl.program_id(0), tl.program_id(1)
+    e = tl.load(local + tl.load(ids + p))
     r = pid_n * R + tl.arange(0, R)
-    rm = (r < N)[:, None, None]
-    total = tl.zeros((R,), dtype=tl.float32)
-    for j in range(k_top):
-        p = t * k_top + j
-        e = tl.load(local + tl.load(ids + p))
-        if e >= 0:
-            er = (e.to(tl.int64) * N + r)[:, None, None]
-            y = _rows_dot(DT, dw + er * d_rb, rm, h + p.to(tl.int64) * K, K, R, G)
-            total += tl.load(wts + p).to(tl.float32) * y
-    tl.store(out + t.to(tl.int64) * N + r, total, mask=r < N)
+    acc = tl.zeros((R,), dtype=tl.float32)
+    if e >= 0:
+        er = (e.to(tl.int64) * N + r)[:, None, None]
+        acc = tl.load(wts + p).to(tl.float32) * _rows_dot(DT, dw + er * d_rb, (r < N)[:, None, None],
+                                                          h + p.to(tl.int64) * K, K, R, G)
+    tl.store(y + p.to(tl.int64) * N + r, acc, mask=r < N)
 
 
 def _moe_gemv(x, ids, weights, local, gate, up, down):
     T, k = ids.shape
     inter, hidden = gate.rows, gate.cols
     h = torch.empty((T * k, inter), dtype=torch.float32, device=x.device)
-    out = torch.empty((T, hidden), dtype=torch.float32, device=x.device)
+    y = torch.empty((T, k, hidden), dtype=torch.float32, device=x.device)
     R, G, warps = GEMV[x.device.type]
     _gemv_gate_up_kernel[(triton.cdiv(inter, R), T * k)](
         x, ids, local, gate.data, up.data, h, hidden, inter, k, gate.row_bytes, up.row_bytes,
         GT=gate.ggml_type, UT=up.ggml_type, R=R, G=G, num_warps=warps)
-    _gemv_down_kernel[(triton.cdiv(hidden, R), T)](
-        h, ids, weights, local, down.data, out, inter, hidden, k, down.row_bytes,
-        DT=down.ggml_type, R=R, G=G, num_warps=warps)
-    return out
+    _gemv_down_kernel[(triton.cdiv(hidden, R), T * k)](
+        h, ids, weights, local, down.data, y, inter, hidden, down.row_bytes, DT=down.ggml_type, R=R, G=G,
+        num_warps=warps)
+    return y.sum(1)
 
 
 # ---------------------------------------------------------------------------------------------- prefill: grouped GEMM
@@ -302,7 +306,8 @@ def _gemm_gate_up_kernel(x, order, tile_e, tile_start, tile_stop, gw, uw, h, K, 
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K // 32, G):
-            a = tl.load(x + tok[:, None] * K + k0 * 32 + kk[None, :], mask=im[:, None] & (k0 * 32 + kk < K)[None, :], other=0.0)
+            km = (k0 * 32 + kk < K)[None, :]
+            a = tl.load(x + tok[:, None] * K + k0 * 32 + kk[None, :], mask=im[:, None] & km, other=0.0)
             a = _bf16(a.to(tl.float32), F32)
             acc_g = _dot(a, _weight_tile(GT, gw + er * g_rb, nm, k0, K // 32, BN, G, F32), acc_g, F32)
             acc_u = _dot(a, _weight_tile(UT, uw + er * u_rb, nm, k0, K // 32, BN, G, F32), acc_u, F32)
@@ -327,11 +332,12 @@ def _gemm_down_kernel(h, order, wts, tile_e, tile_start, tile_stop, dw, out, K, 
         kk = tl.arange(0, G * 32)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K // 32, G):
-            a = tl.load(h + i.to(tl.int64)[:, None] * K + k0 * 32 + kk[None, :], mask=im[:, None] & (k0 * 32 + kk < K)[None, :], other=0.0)
+            km = (k0 * 32 + kk < K)[None, :]
+            a = tl.load(h + i.to(tl.int64)[:, None] * K + k0 * 32 + kk[None, :], mask=im[:, None] & km, other=0.0)
             acc = _dot(a, _weight_tile(DT, dw + er * d_rb, nm, k0, K // 32, BN, G, F32), acc, F32)
         w = tl.load(wts + p, mask=im, other=0.0).to(tl.float32)
         tok = (p // k_top).to(tl.int64)
-        tl.atomic_add(out + tok[:, None] * N + n[None, :], acc * w[:, None],
+        tl.atomic_add(out + tok[:, None] * N + n[None, :], acc * w[:, None], sem="relaxed",
                       mask=im[:, None] & (n < N)[None, :])
 
 
@@ -361,17 +367,17 @@ def _moe_gemm(x, ids, weights, local, gate, up, down):
     inter, hidden = gate.rows, gate.cols
     n_local = gate.data.shape[0]
     BM, BN, G, warps = GEMM[x.device.type]
+    interpreted = x.device.type != "cuda"          # Triton's CPU interpreter: see _dot and _bf16
     order, tile_e, tile_start, tile_stop, n_tiles = _schedule(ids, local, n_local, BM)
     h = torch.empty((T * k, inter), dtype=torch.bfloat16, device=x.device)   # rows in sorted-pair order
     out = torch.zeros((T, hidden), dtype=torch.float32, device=x.device)
     _gemm_gate_up_kernel[(triton.cdiv(inter, BN), n_tiles)](
         x, order, tile_e, tile_start, tile_stop, gate.data, up.data, h, hidden, inter, k, n_local,
-        gate.row_bytes, up.row_bytes, GT=gate.ggml_type, UT=up.ggml_type, BM=BM, BN=BN, G=G, F32=x.device.type != "cuda",
+        gate.row_bytes, up.row_bytes, GT=gate.ggml_type, UT=up.ggml_type, BM=BM, BN=BN, G=G, F32=interpreted,
         num_warps=warps)
     _gemm_down_kernel[(triton.cdiv(hidden, BN), n_tiles)](
         h, order, weights, tile_e, tile_start, tile_stop, down.data, out, inter, hidden, k, n_local,
-        down.row_bytes, DT=down.ggml_type, BM=BM, BN=BN, G=G, F32=x.device.type != "cuda",
-        num_warps=warps)
+        down.row_bytes, DT=down.ggml_type, BM=BM, BN=BN, G=G, F32=interpreted, num_warps=warps)
     return out
 
 
@@ -383,7 +389,8 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, local: torch.
     e = local[ids[t, j]]; float32 (T, hidden). x (T, hidden) float32 or bf16; ids (T, k) integer global expert ids;
     weights (T, k); local (n_experts,) int32, -1 for experts not in these stacks.
     method: "gemv" (decode), "gemm" (prefill) or None: gemv up to DECODE_MAX_TOKENS tokens. The gemv path makes
-    no host sync and no data-dependent allocation (CUDA-graph capturable); so does the gemm path."""
+    no host sync and no data-dependent allocation: CUDA-graph capturable (tested). The gemm path makes no host sync
+    either (its grid is an upper bound of tiles; capture untested: torch.sort's)."""
     T, k = ids.shape
     n_local, inter, hidden = gate.data.shape[0], gate.rows, gate.cols
     if (up.data.shape[0], up.rows, up.cols) != (n_local, inter, hidden) or \

@@ -154,8 +154,11 @@ def test_moe_vs_float64(types, method, T):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert err < (GEMV_BOUND if method == "gemv" else GEMM_BOUND)
-    if method == "gemm" and (CUDA or types == MIXED[0]):        # bf16 x takes the same path
-        assert rel(GG.moe(x.bfloat16(), ids, w, local, gate, up, down, method=method), ref) < GEMM_BOUND
+    if CUDA or types == MIXED[0]:                                # bf16 x, same bounds
+        xb = x.bfloat16()
+        ref_b = reference(xb.float(), ids, w, local, gate, up, down)
+        assert rel(GG.moe(xb, ids, w, local, gate, up, down, method=method), ref_b) < \
+            (GEMV_BOUND if method == "gemv" else GEMM_BOUND)
 
 
 def fixture_layer(layer):
@@ -179,12 +182,12 @@ def test_moe_fixture_vs_float64_and_ggml(method, T):
     n = gate.data.shape[0]
     local = torch.arange(n, dtype=torch.int32, device=DEV)
     x = torch.from_numpy(rng.standard_normal((T, gate.cols)).astype(np.float32)).to(DEV)
-    ids, w = routing(rng, T, n, 4)
+    ids, w = routing(rng, T, n if method == "gemv" or CUDA else 6, 4)   # interpreter: few GEMM tiles
     out = GG.moe(x, ids, w, local, gate, up, down, method=method)
     ref = reference(x, ids, w, local, gate, up, down)
     cpu = MoEExperts(*((d.reshape(-1), t, (n, r, c)) for d, t, r, c in parts), threads=2)
     ggml_out = torch.from_numpy(cpu.forward(x.cpu().numpy(), ids.cpu().numpy(), w.cpu().numpy()))
-    err, err_ggml, ggml_err = rel(out, ref), rel(out.cpu(), ref.cpu()), rel(ggml_out, ref.cpu())
+    err, ggml_err = rel(out, ref), rel(ggml_out, ref.cpu())
     err_ggml = float(torch.linalg.norm(out.cpu() - ggml_out) / torch.linalg.norm(ggml_out))
     print(f"\nfixture blk.2 {method} T={T}: vs float64 {err:.2e}, vs ggml CPU {err_ggml:.2e} "
           f"(ggml vs float64 {ggml_err:.2e})")

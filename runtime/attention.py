@@ -29,16 +29,12 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:                # the torch path serves every device
-    triton = None
+import triton
+import triton.language as tl
 
 BLOCK_ELEMENTS = 1 << 24          # scores held at once (rows x heads x keys), float32: 64 MiB
 EXPAND_BYTES = 4 << 30            # the expanded form's per-head keys and values of a prefill chunk, at most
@@ -58,7 +54,7 @@ def mla_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: t
     slot for every row (an int: a prefill chunk, rows at consecutive positions) or one per row ((T,) int64: a
     decode step), w_kb (H, nope, kv_lora), w_vb (H, v, kv_lora) -> (T, H, v) float32. `bound`: an upper bound on
     pos + 1 that the caller knows (a CUDA graph's span), which saves reading pos back from the device."""
-    if not (q_nope.is_cuda and gpu_kernels() and q_nope.shape[0]):
+    if not (q_nope.is_cuda and q_nope.shape[0]):
         return _blockwise(q_nope, q_pe, kv, pe, slots, pos, w_kb, w_vb, scale, bound)
     if not isinstance(slots, int):
         return decode_triton(q_nope, q_pe, kv, pe, slots, pos, w_kb, w_vb, scale, bound)
@@ -67,15 +63,6 @@ def mla_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: t
     if prefill_form(T, end, q_nope.shape[1], w_kb.shape[1] + w_vb.shape[1]) == "sdpa":
         return prefill_sdpa(q_nope, q_pe, kv, pe, slots, end, w_kb, w_vb, scale)
     return prefill_triton(q_nope, q_pe, kv, pe, slots, pos, w_kb, w_vb, scale)
-
-
-@functools.cache
-def gpu_kernels() -> bool:
-    """Whether the Triton paths are there; if not, says so once (the torch path still serves)."""
-    if triton is None:
-        warnings.warn("runtime.attention: triton is not importable; GPU attention runs on the torch reference path "
-                      "(slower)")
-    return triton is not None
 
 
 def prefill_form(T: int, S: int, H: int, nope_v: int) -> str:
@@ -145,10 +132,11 @@ def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_
     grid = (triton.cdiv(H, block_h), splits, triton.cdiv(T, tok))
     _mla_split_kernel[grid](
         q_lat, q_rope, kv, pe, slots, pos, part, lse, T, H, DL, DR, scale * LOG2E,
-        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
-        kv.stride(0), kv.stride(1), pe.stride(0), pe.stride(1), part.stride(0), part.stride(1), part.stride(2),
+        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv.stride(0), kv.stride(1),
+        pe.stride(0), pe.stride(1), part.stride(0), part.stride(1), part.stride(2),
         cfg.get("MIN_KEYS", 1), SPLITS=splits, TOK=tok, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], D_LAT=d_lat,
-        D_PE=d_pe, DOT_F32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        D_PE=d_pe, DOT_F32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     if splits > 1:
         _mla_combine_kernel[(T, H)](part, lse, pos, out, DL, part.stride(0), part.stride(1), part.stride(2),
                                     cfg["MIN_KEYS"], SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
@@ -156,100 +144,99 @@ def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_
     return out
 
 
-if triton is not None:
-    @triton.jit
-    def _dot(a, b, F32: tl.constexpr):
-        """a @ b, float32 out. F32: upcast first (Triton's interpreter multiplies bf16 operands' raw bits)."""
-        if F32:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32))
-        return tl.dot(a, b)
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    """a @ b, float32 out. F32: upcast first (Triton's interpreter multiplies bf16 operands' raw bits)."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
 
-    @triton.jit
-    def _split_range(length, split, MIN_KEYS, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Keys [start, end) of split `split` of a row of `length` keys: the row's length cut into as many splits
-        as have MIN_KEYS keys each (at most SPLITS), each a whole number of key blocks. Also the active count."""
-        active = tl.minimum(SPLITS, (length + MIN_KEYS - 1) // MIN_KEYS)
-        per = ((length + active - 1) // active + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        start = split * per
-        return start, tl.minimum(length, start + per), active
+@triton.jit
+def _split_range(length, split, MIN_KEYS, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [start, end) of split `split` of a row of `length` keys: the row's length cut into as many splits
+    as have MIN_KEYS keys each (at most SPLITS), each a whole number of key blocks. Also the active count."""
+    active = tl.minimum(SPLITS, (length + MIN_KEYS - 1) // MIN_KEYS)
+    per = ((length + active - 1) // active + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = split * per
+    return start, tl.minimum(length, start + per), active
 
-    @triton.jit
-    def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, lse_ptr, T, H, DL, DR, qk_scale,
-                          s_qt, s_qh, s_rt, s_rh, s_kn, s_kl, s_pn, s_pl, s_ot, s_oh, s_os, MIN_KEYS,
-                          SPLITS: tl.constexpr, TOK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                          D_LAT: tl.constexpr, D_PE: tl.constexpr, DOT_F32: tl.constexpr):
-        """Program (head group, split, token group): rows are TOK tokens (one slot) x BLOCK_H heads; each key block
-        of that slot is loaded once for all of them. With SPLITS > 1 (TOK = 1), writes the split's normalized output
-        and its log2-sum-exp; with one split, the output."""
-        M: tl.constexpr = TOK * BLOCK_H
-        r = tl.arange(0, M)
-        t = tl.program_id(2) * TOK + r // BLOCK_H
-        h = tl.program_id(0) * BLOCK_H + r % BLOCK_H
-        split = tl.program_id(1)
-        p = tl.load(pos_ptr + t, mask=t < T, other=-1)                 # a row sees keys 0..p
-        length = tl.max(p, axis=0) + 1
-        row_ok = (t < T) & (h < H)
-        if SPLITS > 1:
-            start, end, active = _split_range(length, split, MIN_KEYS, SPLITS, BLOCK_N)
-            row_ok = row_ok & (split + 0 * r < active)     # past the row's length: no loads, no writes
-        else:
-            start, end = 0, length
-        slot = tl.load(slot_ptr + tl.program_id(2) * TOK)
-        dl = tl.arange(0, D_LAT)
-        dr = tl.arange(0, D_PE)
-        q = tl.load(q_ptr + t[:, None] * s_qt + h[:, None] * s_qh + dl[None, :],
-                    mask=row_ok[:, None] & (dl < DL)[None, :], other=0.0)
-        qr = tl.load(qr_ptr + t[:, None] * s_rt + h[:, None] * s_rh + dr[None, :],
-                     mask=row_ok[:, None] & (dr < DR)[None, :], other=0.0)
-        kv_base = kv_ptr + slot * s_kn
-        pe_base = pe_ptr + slot * s_pn
-        m_i = tl.full([M], float("-inf"), tl.float32)
-        l_i = tl.zeros([M], tl.float32)
-        acc = tl.zeros([M, D_LAT], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            key_ok = n < end
-            k = tl.load(kv_base + n[:, None] * s_kl + dl[None, :], mask=key_ok[:, None] & (dl < DL)[None, :],
-                        other=0.0)
-            kr = tl.load(pe_base + n[:, None] * s_pl + dr[None, :], mask=key_ok[:, None] & (dr < DR)[None, :],
-                         other=0.0)
-            s = _dot(q, tl.trans(k), DOT_F32) + _dot(qr, tl.trans(kr), DOT_F32)
-            s = tl.where(key_ok[None, :] & (n[None, :] <= p[:, None]), s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)       # rows with no key yet: keep zeros
-            alpha = tl.math.exp2(m_i - m_use)
-            e = tl.math.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(e, axis=1)
-            acc = acc * alpha[:, None] + _dot(e.to(k.dtype), k, DOT_F32)
-            m_i = m_new
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(o_ptr + t[:, None] * s_ot + h[:, None] * s_oh + split * s_os + dl[None, :], o,
-                 mask=row_ok[:, None] & (dl < DL)[None, :])
-        if SPLITS > 1:
-            lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-            tl.store(lse_ptr + t * (H * SPLITS) + h * SPLITS + split, lse, mask=row_ok)
+@triton.jit
+def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, lse_ptr, T, H, DL, DR, qk_scale,
+                      s_qt, s_qh, s_rt, s_rh, s_kn, s_kl, s_pn, s_pl, s_ot, s_oh, s_os, MIN_KEYS,
+                      SPLITS: tl.constexpr, TOK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                      D_LAT: tl.constexpr, D_PE: tl.constexpr, DOT_F32: tl.constexpr):
+    """Program (head group, split, token group): rows are TOK tokens (one slot) x BLOCK_H heads; each key block
+    of that slot is loaded once for all of them. With SPLITS > 1 (TOK = 1), writes the split's normalized output
+    and its log2-sum-exp; with one split, the output."""
+    M: tl.constexpr = TOK * BLOCK_H
+    r = tl.arange(0, M)
+    t = tl.program_id(2) * TOK + r // BLOCK_H
+    h = tl.program_id(0) * BLOCK_H + r % BLOCK_H
+    split = tl.program_id(1)
+    p = tl.load(pos_ptr + t, mask=t < T, other=-1)                 # a row sees keys 0..p
+    length = tl.max(p, axis=0) + 1
+    row_ok = (t < T) & (h < H)
+    if SPLITS > 1:
+        start, end, active = _split_range(length, split, MIN_KEYS, SPLITS, BLOCK_N)
+        row_ok = row_ok & (split + 0 * r < active)     # past the row's length: no loads, no writes
+    else:
+        start, end = 0, length
+    slot = tl.load(slot_ptr + tl.program_id(2) * TOK)
+    dl = tl.arange(0, D_LAT)
+    dr = tl.arange(0, D_PE)
+    q = tl.load(q_ptr + t[:, None] * s_qt + h[:, None] * s_qh + dl[None, :],
+                mask=row_ok[:, None] & (dl < DL)[None, :], other=0.0)
+    qr = tl.load(qr_ptr + t[:, None] * s_rt + h[:, None] * s_rh + dr[None, :],
+                 mask=row_ok[:, None] & (dr < DR)[None, :], other=0.0)
+    kv_base = kv_ptr + slot * s_kn
+    pe_base = pe_ptr + slot * s_pn
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D_LAT], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        key_ok = n < end
+        k = tl.load(kv_base + n[:, None] * s_kl + dl[None, :], mask=key_ok[:, None] & (dl < DL)[None, :],
+                    other=0.0)
+        kr = tl.load(pe_base + n[:, None] * s_pl + dr[None, :], mask=key_ok[:, None] & (dr < DR)[None, :],
+                     other=0.0)
+        s = _dot(q, tl.trans(k), DOT_F32) + _dot(qr, tl.trans(kr), DOT_F32)
+        s = tl.where(key_ok[None, :] & (n[None, :] <= p[:, None]), s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)       # rows with no key yet: keep zeros
+        alpha = tl.math.exp2(m_i - m_use)
+        e = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(e, axis=1)
+        acc = acc * alpha[:, None] + _dot(e.to(k.dtype), k, DOT_F32)
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + t[:, None] * s_ot + h[:, None] * s_oh + split * s_os + dl[None, :], o,
+             mask=row_ok[:, None] & (dl < DL)[None, :])
+    if SPLITS > 1:
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + t * (H * SPLITS) + h * SPLITS + split, lse, mask=row_ok)
 
-    @triton.jit
-    def _mla_combine_kernel(part_ptr, lse_ptr, pos_ptr, out_ptr, DL, s_ot, s_oh, s_os, MIN_KEYS,
-                            SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D_LAT: tl.constexpr):
-        """Program (row, head): the row's active splits merged by their log2-sum-exp."""
-        t = tl.program_id(0)
-        h = tl.program_id(1)
-        H = tl.num_programs(1)
-        length = tl.load(pos_ptr + t) + 1
-        active = tl.minimum(SPLITS, (length + MIN_KEYS - 1) // MIN_KEYS)
-        s = tl.arange(0, SPLITS_P2)
-        lse = tl.load(lse_ptr + (t * H + h) * SPLITS + s, mask=s < active, other=float("-inf"))
-        m = tl.max(lse, axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        total = tl.sum(tl.math.exp2(lse - m), axis=0)
-        dl = tl.arange(0, D_LAT)
-        acc = tl.zeros([D_LAT], tl.float32)
-        base = part_ptr + t * s_ot + h * s_oh
-        for i in range(0, active):
-            w = tl.math.exp2(tl.load(lse_ptr + (t * H + h) * SPLITS + i) - m)
-            acc += w * tl.load(base + i * s_os + dl, mask=dl < DL, other=0.0)
-        tl.store(out_ptr + (t * H + h) * DL + dl, acc / tl.where(total > 0, total, 1.0), mask=dl < DL)
+@triton.jit
+def _mla_combine_kernel(part_ptr, lse_ptr, pos_ptr, out_ptr, DL, s_ot, s_oh, s_os, MIN_KEYS,
+                        SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D_LAT: tl.constexpr):
+    """Program (row, head): the row's active splits merged by their log2-sum-exp."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    H = tl.num_programs(1)
+    length = tl.load(pos_ptr + t) + 1
+    active = tl.minimum(SPLITS, (length + MIN_KEYS - 1) // MIN_KEYS)
+    s = tl.arange(0, SPLITS_P2)
+    lse = tl.load(lse_ptr + (t * H + h) * SPLITS + s, mask=s < active, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.math.exp2(lse - m), axis=0)
+    dl = tl.arange(0, D_LAT)
+    acc = tl.zeros([D_LAT], tl.float32)
+    base = part_ptr + t * s_ot + h * s_oh
+    for i in range(0, active):
+        w = tl.math.exp2(tl.load(lse_ptr + (t * H + h) * SPLITS + i) - m)
+        acc += w * tl.load(base + i * s_os + dl, mask=dl < DL, other=0.0)
+    tl.store(out_ptr + (t * H + h) * DL + dl, acc / tl.where(total > 0, total, 1.0), mask=dl < DL)
 
 
 def prefill_sdpa(q_nope, q_pe, kv, pe, slot: int, end: int, w_kb, w_vb, scale):

@@ -28,7 +28,8 @@ def case(slots, length, dtype, device="cpu", seed=None, heads=H):
 
 def queries(c, T, device, heads=H):
     g = c["gen"]
-    return (torch.randn(T, heads, NOPE, generator=g).to(device) * 2, torch.randn(T, heads, DR, generator=g).to(device) * 2)
+    return (torch.randn(T, heads, NOPE, generator=g).to(device) * 2,
+            torch.randn(T, heads, DR, generator=g).to(device) * 2)
 
 
 def reference(q_nope, q_pe, c, slots, pos):

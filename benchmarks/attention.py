@@ -135,12 +135,12 @@ def time_prefill(w_kb, w_vb, T: int, offset: int, cfg: dict = A.PREFILL, forms=(
 
 
 DECODE_SWEEP = [dict(A.DECODE, **v) for v in (
-    {}, {"BLOCK_N": 64}, {"BLOCK_N": 16}, {"num_stages": 1}, {"num_stages": 3}, {"WAVES": 2}, {"MIN_KEYS": 512},
-    {"BLOCK_H": 32, "num_warps": 4}, {"BLOCK_H": 32, "num_warps": 8}, {"BLOCK_H": 16, "num_warps": 4},
-    {"BLOCK_H": 64, "num_warps": 4}, {"BLOCK_H": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1})]
+    {}, {"KEYS_MAJOR": True}, {"KEYS_MAJOR": True, "BLOCK_N": 64}, {"BLOCK_N": 64}, {"BLOCK_N": 16},
+    {"num_stages": 3}, {"WAVES": 2}, {"MIN_KEYS": 512}, {"MIN_KEYS": 128}, {"BLOCK_H": 32, "num_warps": 4},
+    {"BLOCK_H": 16, "num_warps": 4})]
 PREFILL_SWEEP = [dict(A.PREFILL, **v) for v in (
-    {}, {"BLOCK_N": 64}, {"BLOCK_N": 64, "num_stages": 1}, {"num_stages": 3}, {"ROWS": 32, "num_warps": 4},
-    {"num_warps": 4})]
+    {}, {"KEYS_MAJOR": True}, {"BLOCK_N": 64}, {"BLOCK_N": 64, "num_stages": 1}, {"num_stages": 3},
+    {"ROWS": 32, "num_warps": 4})]
 
 
 def main():

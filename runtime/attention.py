@@ -41,10 +41,11 @@ EXPAND_BYTES = 4 << 30            # the expanded form's per-head keys and values
 SDPA_MIN_ROWS = 192               # prefill chunks from this many rows take the expanded form (see prefill_form)
 LOG2E = 1.4426950408889634
 
-# Launch shapes (benchmarks/attention.py --sweep times the alternatives). Decode: 64 heads a program (two
-# warpgroups share the 64 x kv_lora accumulator), at least MIN_KEYS keys a split, about one wave of programs.
-DECODE = dict(BLOCK_H=64, BLOCK_N=32, MIN_KEYS=256, WAVES=1, num_warps=8, num_stages=2)
-PREFILL = dict(ROWS=64, BLOCK_N=32, num_warps=8, num_stages=2)
+# Launch shapes (benchmarks/attention.py --sweep times the alternatives; benchmarks/attention_sass.py shows what
+# each builds to on sm_90). Decode: 64 heads a program (two warpgroups split the 64 x kv_lora accumulator, both
+# products on Hopper's warpgroup MMA), at least MIN_KEYS keys a split, about WAVES waves of programs.
+DECODE = dict(BLOCK_H=64, BLOCK_N=32, MIN_KEYS=256, WAVES=1, KEYS_MAJOR=False, num_warps=8, num_stages=2)
+PREFILL = dict(ROWS=64, BLOCK_N=32, KEYS_MAJOR=False, num_warps=8, num_stages=2)
 
 
 def mla_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
@@ -131,15 +132,15 @@ def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_
     d_lat, d_pe = triton.next_power_of_2(DL), triton.next_power_of_2(DR)
     grid = (triton.cdiv(H, block_h), splits, triton.cdiv(T, tok))
     _mla_split_kernel[grid](
-        q_lat, q_rope, kv, pe, slots, pos, part, lse, T, H, DL, DR, scale * LOG2E,
+        q_lat, q_rope, kv, pe, slots, pos, part, lse, T, H, scale * LOG2E,
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv.stride(0), kv.stride(1),
         pe.stride(0), pe.stride(1), part.stride(0), part.stride(1), part.stride(2),
-        cfg.get("MIN_KEYS", 1), SPLITS=splits, TOK=tok, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], D_LAT=d_lat,
-        D_PE=d_pe, DOT_F32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        cfg.get("MIN_KEYS", 1), DL=DL, DR=DR, SPLITS=splits, TOK=tok, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"],
+        D_LAT=d_lat, D_PE=d_pe, KEYS_MAJOR=cfg["KEYS_MAJOR"], DOT_F32=os.environ.get("TRITON_INTERPRET") == "1",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:
-        _mla_combine_kernel[(T, H)](part, lse, pos, out, DL, part.stride(0), part.stride(1), part.stride(2),
-                                    cfg["MIN_KEYS"], SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
+        _mla_combine_kernel[(T, H)](part, lse, pos, out, part.stride(0), part.stride(1), part.stride(2),
+                                    cfg["MIN_KEYS"], DL=DL, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
                                     D_LAT=d_lat, num_warps=4)
     return out
 
@@ -151,6 +152,7 @@ def _dot(a, b, F32: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     return tl.dot(a, b)
 
+
 @triton.jit
 def _split_range(length, split, MIN_KEYS, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys [start, end) of split `split` of a row of `length` keys: the row's length cut into as many splits
@@ -160,11 +162,13 @@ def _split_range(length, split, MIN_KEYS, SPLITS: tl.constexpr, BLOCK_N: tl.cons
     start = split * per
     return start, tl.minimum(length, start + per), active
 
+
 @triton.jit
-def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, lse_ptr, T, H, DL, DR, qk_scale,
+def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, lse_ptr, T, H, qk_scale,
                       s_qt, s_qh, s_rt, s_rh, s_kn, s_kl, s_pn, s_pl, s_ot, s_oh, s_os, MIN_KEYS,
-                      SPLITS: tl.constexpr, TOK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                      D_LAT: tl.constexpr, D_PE: tl.constexpr, DOT_F32: tl.constexpr):
+                      DL: tl.constexpr, DR: tl.constexpr, SPLITS: tl.constexpr, TOK: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D_LAT: tl.constexpr, D_PE: tl.constexpr,
+                      KEYS_MAJOR: tl.constexpr, DOT_F32: tl.constexpr):
     """Program (head group, split, token group): rows are TOK tokens (one slot) x BLOCK_H heads; each key block
     of that slot is loaded once for all of them. With SPLITS > 1 (TOK = 1), writes the split's normalized output
     and its log2-sum-exp; with one split, the output."""
@@ -173,7 +177,7 @@ def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, l
     t = tl.program_id(2) * TOK + r // BLOCK_H
     h = tl.program_id(0) * BLOCK_H + r % BLOCK_H
     split = tl.program_id(1)
-    p = tl.load(pos_ptr + t, mask=t < T, other=-1)                 # a row sees keys 0..p
+    p = tl.load(pos_ptr + t, mask=t < T, other=-1).to(tl.int32)    # a row sees keys 0..p
     length = tl.max(p, axis=0) + 1
     row_ok = (t < T) & (h < H)
     if SPLITS > 1:
@@ -184,10 +188,16 @@ def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, l
     slot = tl.load(slot_ptr + tl.program_id(2) * TOK)
     dl = tl.arange(0, D_LAT)
     dr = tl.arange(0, D_PE)
-    q = tl.load(q_ptr + t[:, None] * s_qt + h[:, None] * s_qh + dl[None, :],
-                mask=row_ok[:, None] & (dl < DL)[None, :], other=0.0)
-    qr = tl.load(qr_ptr + t[:, None] * s_rt + h[:, None] * s_rh + dr[None, :],
-                 mask=row_ok[:, None] & (dr < DR)[None, :], other=0.0)
+    if KEYS_MAJOR:                                                  # (D, M): the scores' B operand
+        q = tl.load(q_ptr + t[None, :] * s_qt + h[None, :] * s_qh + dl[:, None],
+                    mask=row_ok[None, :] & (dl < DL)[:, None], other=0.0)
+        qr = tl.load(qr_ptr + t[None, :] * s_rt + h[None, :] * s_rh + dr[:, None],
+                     mask=row_ok[None, :] & (dr < DR)[:, None], other=0.0)
+    else:                                                           # (M, D): their A operand
+        q = tl.load(q_ptr + t[:, None] * s_qt + h[:, None] * s_qh + dl[None, :],
+                    mask=row_ok[:, None] & (dl < DL)[None, :], other=0.0)
+        qr = tl.load(qr_ptr + t[:, None] * s_rt + h[:, None] * s_rh + dr[None, :],
+                     mask=row_ok[:, None] & (dr < DR)[None, :], other=0.0)
     kv_base = kv_ptr + slot * s_kn
     pe_base = pe_ptr + slot * s_pn
     m_i = tl.full([M], float("-inf"), tl.float32)
@@ -200,7 +210,13 @@ def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, l
                     other=0.0)
         kr = tl.load(pe_base + n[:, None] * s_pl + dr[None, :], mask=key_ok[:, None] & (dr < DR)[None, :],
                      other=0.0)
-        s = _dot(q, tl.trans(k), DOT_F32) + _dot(qr, tl.trans(kr), DOT_F32)
+        if KEYS_MAJOR:
+            # Scores as (BLOCK_N, M): the key block is the product's A operand and the queries its B, which the
+            # tensor cores read from shared memory, so the queries need no registers beside the M x kv_lora
+            # accumulator (BLOCK_N 64 for Hopper's warpgroup products).
+            s = tl.trans(_dot(k, q, DOT_F32) + _dot(kr, qr, DOT_F32))
+        else:
+            s = _dot(q, tl.trans(k), DOT_F32) + _dot(qr, tl.trans(kr), DOT_F32)
         s = tl.where(key_ok[None, :] & (n[None, :] <= p[:, None]), s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)       # rows with no key yet: keep zeros
@@ -216,9 +232,10 @@ def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, l
         lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + t * (H * SPLITS) + h * SPLITS + split, lse, mask=row_ok)
 
+
 @triton.jit
-def _mla_combine_kernel(part_ptr, lse_ptr, pos_ptr, out_ptr, DL, s_ot, s_oh, s_os, MIN_KEYS,
-                        SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D_LAT: tl.constexpr):
+def _mla_combine_kernel(part_ptr, lse_ptr, pos_ptr, out_ptr, s_ot, s_oh, s_os, MIN_KEYS,
+                        DL: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D_LAT: tl.constexpr):
     """Program (row, head): the row's active splits merged by their log2-sum-exp."""
     t = tl.program_id(0)
     h = tl.program_id(1)

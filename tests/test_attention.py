@@ -75,17 +75,19 @@ def _device():
     return "cuda" if CUDA else "cpu"                   # cpu: the kernels in Triton's interpreter
 
 
-def test_decode_kernel_rows_at_own_slots_and_lengths():
+@pytest.mark.parametrize("keys_major", [False, True])
+def test_decode_kernel_rows_at_own_slots_and_lengths(keys_major):
     dev = _device()
+    cfg = dict(TINY_DECODE, KEYS_MAJOR=keys_major)
     c = case(4, 300, torch.bfloat16, dev)
     pos = torch.tensor(DECODE_POS, device=dev)
     slots = torch.tensor([3, 0, 2, 1, 0, 3, 2, 1], device=dev)
     qn, qp = queries(c, len(pos), dev)
     ref = reference(qn, qp, c, slots, pos)
     for bound in (300, 301 if dev == "cuda" else 300):
-        splits = A.decode_splits(len(pos), H, bound, torch.device(dev), TINY_DECODE)
+        splits = A.decode_splits(len(pos), H, bound, torch.device(dev), cfg)
         assert splits > 1
-        out = A.decode_triton(qn, qp, c["kv"], c["pe"], slots, pos, c["w_kb"], c["w_vb"], SCALE, bound, TINY_DECODE)
+        out = A.decode_triton(qn, qp, c["kv"], c["pe"], slots, pos, c["w_kb"], c["w_vb"], SCALE, bound, cfg)
         assert rel(out, ref) < 1e-2, (bound, splits)
 
 
@@ -105,13 +107,14 @@ def test_decode_split_count_does_not_change_the_result():
         assert rel(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize("p0,T", [(0, 40), (37, 50)])
-def test_prefill_kernel_chunk_with_offset(p0, T):
+@pytest.mark.parametrize("p0,T,keys_major", [(0, 40, False), (37, 50, False), (37, 50, True)])
+def test_prefill_kernel_chunk_with_offset(p0, T, keys_major):
     dev = _device()
     c = case(3, 128, torch.bfloat16, dev)
     qn, qp = queries(c, T, dev)
     pos = torch.arange(p0, p0 + T, device=dev)
-    out = A.prefill_triton(qn, qp, c["kv"], c["pe"], 2, pos, c["w_kb"], c["w_vb"], SCALE, TINY_PREFILL)
+    cfg = dict(TINY_PREFILL, KEYS_MAJOR=keys_major)
+    out = A.prefill_triton(qn, qp, c["kv"], c["pe"], 2, pos, c["w_kb"], c["w_vb"], SCALE, cfg)
     assert rel(out, reference(qn, qp, c, 2, pos)) < 1e-2
 
 

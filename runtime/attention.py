@@ -11,24 +11,22 @@ position) are the same call.
 (flash attention's online softmax), so memory is rows x heads x block, whatever the context. This module is the
 reference path and the CPU's (torch ops, on any device).
 
-On a GPU the same call takes Triton kernels on the absorbed form, or torch's SDPA on the expanded one:
+On a GPU the same call takes Triton kernels on the absorbed form, or torch's flash attention on the expanded one:
 - decode (`decode_triton`): FlashMLA's design in Triton. A program takes BLOCK_H heads of one row and a range of
   its keys; each key block (c_kv and k_rope, bf16) is loaded once for all of them and serves both products
   (scores against [q_lat, q_pe], then P @ c_kv), float32 accumulators. The keys are split across programs for
   parallelism and a second kernel merges the splits by their log-sum-exp. Each row reads its slot and position from
   device memory and splits its own true length, so a step is a fixed pair of launches (a CUDA graph captures it)
-  whose cost follows the context, not the graph's span: past the row's length a program returns at once.
-- prefill (`prefill_triton` or `prefill_sdpa`, picked by `prefill_form`): the same kernel with a tile of TOK
-  consecutive tokens x BLOCK_H heads and no split, or SDPA (flash) on the non-absorbed form: the chunk's slot cache
-  expanded per head through W_kb / W_vb (k = [W_kb c_kv, k_rope], v = W_vb c_kv padded to k's width), causal
-  aligned lower right. Per key and head the absorbed form does (kv_lora + rope) + kv_lora multiply-adds per query
-  row, the expanded one nope + rope + v plus the expansion (once per key): expanded wins once a chunk has more than
-  a few hundred rows, absorbed below that and where the expansion would not fit EXPAND_BYTES.
+  whose cost follows the context, not the graph's span: a program past its row's length loads and writes nothing.
+- prefill, picked per chunk by `prefill_form`: the same kernel with tiles of TOK consecutive tokens x BLOCK_H heads
+  and no split (`prefill_triton`), or flash attention on the expanded form (`prefill_sdpa`): the slot's cache
+  expanded per head through W_kb / W_vb a piece of keys at a time, the pieces merged by their log-sum-exp.
 """
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +35,7 @@ import triton
 import triton.language as tl
 
 BLOCK_ELEMENTS = 1 << 24          # scores held at once (rows x heads x keys), float32: 64 MiB
-EXPAND_BYTES = 4 << 30            # the expanded form's per-head keys and values of a prefill chunk, at most
+EXPAND_KEYS = 8192                # keys expanded per head at once (prefill_sdpa): ~1.3 GiB at DeepSeek's shape
 SDPA_MIN_ROWS = 192               # prefill chunks from this many rows take the expanded form (see prefill_form)
 LOG2E = 1.4426950408889634
 
@@ -54,23 +52,27 @@ def mla_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: t
     """q_nope (T, H, nope), q_pe (T, H, rope), kv (N, L, kv_lora), pe (N, L, rope), pos (T,) int64, slots: one
     slot for every row (an int: a prefill chunk, rows at consecutive positions) or one per row ((T,) int64: a
     decode step), w_kb (H, nope, kv_lora), w_vb (H, v, kv_lora) -> (T, H, v) float32. `bound`: an upper bound on
-    pos + 1 that the caller knows (a CUDA graph's span), which saves reading pos back from the device."""
+    pos + 1 that the caller knows (a CUDA graph's span), which saves reading pos back from the device; for a prefill
+    chunk on the GPU, the chunk's end (pos[-1] + 1) exactly."""
     if not (q_nope.is_cuda and q_nope.shape[0]):
         return _blockwise(q_nope, q_pe, kv, pe, slots, pos, w_kb, w_vb, scale, bound)
     if not isinstance(slots, int):
         return decode_triton(q_nope, q_pe, kv, pe, slots, pos, w_kb, w_vb, scale, bound)
     T = q_nope.shape[0]
     end = bound if bound is not None else int(pos[-1]) + 1
-    if prefill_form(T, end, q_nope.shape[1], w_kb.shape[1] + w_vb.shape[1]) == "sdpa":
-        return prefill_sdpa(q_nope, q_pe, kv, pe, slots, end, w_kb, w_vb, scale)
+    if prefill_form(T) == "sdpa" and _flash_error is None:
+        o = prefill_sdpa(q_nope, q_pe, kv, pe, slots, end, w_kb, w_vb, scale)
+        if o is not None:
+            return o
     return prefill_triton(q_nope, q_pe, kv, pe, slots, pos, w_kb, w_vb, scale)
 
 
-def prefill_form(T: int, S: int, H: int, nope_v: int) -> str:
-    """Which prefill path a chunk of T rows over S keys takes: "sdpa" (expanded) once the chunk is long enough
-    that the expansion pays and its per-head keys and values fit EXPAND_BYTES, else "triton" (absorbed)."""
-    expand = S * H * (nope_v + 2 * 192) * 2          # the expansion GEMM's output, then k and padded v (bf16)
-    return "sdpa" if T >= SDPA_MIN_ROWS and expand <= EXPAND_BYTES else "triton"
+def prefill_form(T: int) -> str:
+    """Which prefill path a chunk of T rows takes: "sdpa" (expanded) once the chunk is long enough that the
+    expansion pays, else "triton" (absorbed). Per key and head the absorbed form does 2 * kv_lora + rope
+    multiply-adds per row, the expanded one nope + rope + v per row plus (nope + v) * kv_lora once: at DeepSeek's
+    shapes the expanded form does fewer from ~170 rows; benchmarks/attention.py times both."""
+    return "sdpa" if T >= SDPA_MIN_ROWS else "triton"
 
 
 def _absorb(q_nope, q_pe, w_kb):
@@ -257,23 +259,59 @@ def _mla_combine_kernel(part_ptr, lse_ptr, pos_ptr, out_ptr, s_ot, s_oh, s_os, M
 
 
 def prefill_sdpa(q_nope, q_pe, kv, pe, slot: int, end: int, w_kb, w_vb, scale):
-    """A prefill chunk of T rows (the last T of positions 0..end-1 of `slot`) through torch's SDPA on the expanded
-    form: per head k = [W_kb c_kv, k_rope], v = W_vb c_kv, padded to k's width for the flash backend."""
+    """A prefill chunk of T rows (the last T of positions 0..end-1 of `slot`) on the expanded form: per head
+    k = [W_kb c_kv, k_rope], v = W_vb c_kv (padded to k's width: the flash kernel takes one head size). The keys
+    are expanded EXPAND_KEYS at a time, so memory stays bounded whatever the context: the cache before the chunk in
+    unmasked pieces, then the chunk's own keys (square causal), each piece through flash attention with its
+    log-sum-exp, the pieces merged by it. Where torch's flash op is missing, says so once and the chunk takes the
+    absorbed kernel."""
     T, H, nope = q_nope.shape
-    dt, vd = w_kb.dtype, w_vb.shape[1]
-    kvb = torch.matmul(kv[slot, :end], torch.cat([w_kb, w_vb], 1).flatten(0, 1).T.to(kv.dtype))   # (S, H*(n+v))
-    kvb = kvb.view(end, H, nope + vd).transpose(0, 1)                                                 # (H, S, n+v)
-    k = torch.cat([kvb[..., :nope], pe[slot, :end].to(dt).expand(H, end, pe.shape[-1])], -1)
-    v = F.pad(kvb[..., nope:], (0, k.shape[-1] - vd))
-    del kvb
-    q = torch.cat([q_nope.to(dt), q_pe.to(dt)], -1).transpose(0, 1)                                # (H, T, n+r)
-    if end == T:
-        o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale)
-    else:
-        from torch.nn.attention.bias import causal_lower_right
-        o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=causal_lower_right(T, end),
-                                           scale=scale)
-    return o[0, :, :, :vd].transpose(0, 1).float()
+    vd = w_vb.shape[1]
+    offset = end - T
+    w = torch.cat([w_kb, w_vb], 1).flatten(0, 1).to(kv.dtype)                      # (H * (nope + v), kv_lora)
+    q = torch.cat([q_nope.to(kv.dtype), q_pe.to(kv.dtype)], -1).transpose(0, 1)[None]    # (1, H, T, nope + rope)
+    pieces = [(a, min(a + EXPAND_KEYS, offset), False) for a in range(0, offset, EXPAND_KEYS)]
+    pieces.append((offset, end, True))
+    o = lse = None
+    for a, b, causal in pieces:
+        kvb = (kv[slot, a:b] @ w.T).view(b - a, H, nope + vd).transpose(0, 1)           # (H, keys, nope + v)
+        k = torch.cat([kvb[..., :nope], pe[slot, a:b].to(kv.dtype).expand(H, b - a, pe.shape[-1])], -1)
+        v = F.pad(kvb[..., nope:], (0, k.shape[-1] - vd))
+        del kvb
+        part = _attend_lse(q, k[None], v[None], causal, scale)
+        if part is None:
+            return None
+        o_i, lse_i = part[0][0, :, :, :vd].float(), part[1][0].float()                  # (H, T, v), (H, T)
+        if o is None:
+            o, lse = o_i, lse_i
+            continue
+        new = torch.logaddexp(lse, lse_i)
+        o = o * torch.exp(lse - new)[..., None] + o_i * torch.exp(lse_i - new)[..., None]
+        lse = new
+    return o.transpose(0, 1)
+
+
+def _attend_lse(q, k, v, causal: bool, scale: float):
+    """(softmax(q k^T * scale) v, its natural-log log-sum-exp (B, H, T)) by torch's flash kernel; on the CPU (the
+    tests' check of the piecewise merge) in float32 torch ops. None where the flash op fails (said once)."""
+    if not q.is_cuda:
+        s = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float()) * scale
+        if causal:
+            s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(s, -1) @ v.float(), torch.logsumexp(s, -1)
+    global _flash_error
+    if _flash_error is None:
+        try:
+            out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+            return out[0], out[1]
+        except Exception as e:         # a torch without the op, or one whose flash build refuses these shapes
+            _flash_error = e
+            warnings.warn(f"runtime.attention: torch's flash attention op failed ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:120]}); prefill chunks take the absorbed Triton kernel")
+    return None
+
+
+_flash_error: Exception | None = None
 
 
 def _blockwise(q_nope, q_pe, kv, pe, slots, pos, w_kb, w_vb, scale, bound):

@@ -1,7 +1,8 @@
 """runtime.attention against a plain full-softmax MLA in float64 (the non-absorbed form: per head keys
 [W_kb c_kv, k_rope] and values W_vb c_kv), on small shapes with fresh random data: the torch path (the CPU's and
 CI's), the Triton kernels in Triton's interpreter (without a GPU; conftest sets TRITON_INTERPRET) and compiled on a
-GPU, and the GPU's dispatch (SDPA for long prefill chunks) with CUDA-graph capture and replay.
+GPU, the expanded prefill's piecewise merge (torch ops on the CPU, torch's flash kernel on a GPU), and the GPU's
+dispatch with CUDA-graph capture and replay.
 
 Several slots at different positions, positions on both sides of key-block and split boundaries, prefill chunks at
 offset 0 and past it. bf16 cache and queries on the kernels' paths: held to 1e-2 relative error (bf16 operands).
@@ -118,14 +119,27 @@ def test_prefill_kernel_chunk_with_offset(p0, T, keys_major):
     assert rel(out, reference(qn, qp, c, 2, pos)) < 1e-2
 
 
+@pytest.mark.parametrize("p0,T", [(0, 30), (37, 50), (64, 16)])
+def test_expanded_prefill_in_pieces_merges_by_log_sum_exp(monkeypatch, p0, T):
+    """prefill_sdpa's piecewise expansion (keys before the chunk in pieces, then the chunk's own, causal), merged
+    by log-sum-exp; on the CPU each piece is torch ops, on a GPU torch's flash kernel (below)."""
+    monkeypatch.setattr(A, "EXPAND_KEYS", 16)
+    c = case(2, 128, torch.float32)
+    qn, qp = queries(c, T, "cpu")
+    out = A.prefill_sdpa(qn, qp, c["kv"], c["pe"], 1, p0 + T, c["w_kb"], c["w_vb"], SCALE)
+    assert rel(out, reference(qn, qp, c, 1, torch.arange(p0, p0 + T))) < 1e-5
+
+
 gpu = pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
 
 
 @gpu
 @pytest.mark.parametrize("heads", [4, 128])
 @pytest.mark.parametrize("p0,T", [(0, 300), (700, 256), (1000, 24)])
-def test_gpu_prefill_both_forms(heads, p0, T):
-    """SDPA on the expanded form and the absorbed kernel (default launch shapes), and what mla_attend picks."""
+def test_gpu_prefill_both_forms(monkeypatch, heads, p0, T):
+    """Flash attention on the expanded form (keys in pieces of 256) and the absorbed kernel (default launch
+    shapes), and what mla_attend picks."""
+    monkeypatch.setattr(A, "EXPAND_KEYS", 256)
     c = case(2, 1024 + 64, torch.bfloat16, "cuda", heads=heads)
     qn, qp = queries(c, T, "cuda", heads)
     pos = torch.arange(p0, p0 + T, device="cuda")
@@ -134,6 +148,7 @@ def test_gpu_prefill_both_forms(heads, p0, T):
     tri = A.prefill_triton(qn, qp, c["kv"], c["pe"], 1, pos, c["w_kb"], c["w_vb"], SCALE)
     picked = A.mla_attend(qn, qp, c["kv"], c["pe"], 1, pos, c["w_kb"], c["w_vb"], SCALE, p0 + T)
     assert max(rel(sdpa, ref), rel(tri, ref), rel(picked, ref)) < 1e-2
+    assert A._flash_error is None
 
 
 @gpu

@@ -176,7 +176,7 @@ def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, l
     and its log2-sum-exp; with one split, the output."""
     M: tl.constexpr = TOK * BLOCK_H
     r = tl.arange(0, M)
-    t = tl.program_id(2) * TOK + r // BLOCK_H
+    t = (tl.program_id(2) * TOK + r // BLOCK_H).to(tl.int64)      # offsets past 2^31 in a long chunk
     h = tl.program_id(0) * BLOCK_H + r % BLOCK_H
     split = tl.program_id(1)
     p = tl.load(pos_ptr + t, mask=t < T, other=-1).to(tl.int32)    # a row sees keys 0..p

@@ -180,7 +180,9 @@ def main():
                 sweep["prefill"].append({"cfg": cfg, "error": str(e).splitlines()[0][:200]})
 
     print("\ndecode (span = P):   B       P  splits   step us  kernel us    GB/s  %copy   step/step@1K")
-    first = {r["B"]: r["step_us"] for r in decode if r["P"] == Ps[0]}
+    first = {}
+    for r in decode:                                          # each B's step at the shortest context
+        first.setdefault(r["B"], r["step_us"])
     for r in decode:
         print(f"{'':20s}{r['B']:3d} {r['P']:7d} {r['splits']:7d} {r['step_us']:9.1f} {r['kernel_us']:10.1f} "
               f"{r['gbs']:7.0f} {100 * r['gbs'] / ceil['copy_gbs']:6.1f} {r['step_us'] / first[r['B']]:14.2f}")

@@ -18,9 +18,10 @@ On a GPU the same call takes Triton kernels on the absorbed form, or torch's fla
   parallelism and a second kernel merges the splits by their log-sum-exp. Each row reads its slot and position from
   device memory and splits its own true length, so a step is a fixed pair of launches (a CUDA graph captures it)
   whose cost follows the context, not the graph's span: a program past its row's length loads and writes nothing.
-- prefill, picked per chunk by `prefill_form`: the same kernel with tiles of TOK consecutive tokens x BLOCK_H heads
-  and no split (`prefill_triton`), or flash attention on the expanded form (`prefill_sdpa`): the slot's cache
-  expanded per head through W_kb / W_vb a piece of keys at a time, the pieces merged by their log-sum-exp.
+- prefill, picked per chunk by `prefill_form`: flash attention on the expanded form (`prefill_sdpa`: the slot's
+  cache expanded per head through W_kb / W_vb a piece of keys at a time, the pieces merged by their log-sum-exp),
+  or for short chunks the absorbed kernel: the decode launch (one token a tile, split over the keys), or where
+  heads are fewer than a tile, tiles of TOK consecutive tokens x BLOCK_H heads (`prefill_triton`).
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ def mla_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: t
         o = prefill_sdpa(q_nope, q_pe, kv, pe, slots, end, w_kb, w_vb, scale)
         if o is not None:
             return o
+    if q_nope.shape[1] >= DECODE["BLOCK_H"]:      # one token a tile anyway: the decode launch, split over the keys
+        rows = torch.full((T,), slots, dtype=torch.long, device=q_nope.device)
+        return decode_triton(q_nope, q_pe, kv, pe, rows, pos, w_kb, w_vb, scale, end)
     return prefill_triton(q_nope, q_pe, kv, pe, slots, pos, w_kb, w_vb, scale)
 
 

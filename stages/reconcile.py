@@ -9,27 +9,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from gguf.constants import GGMLQuantizationType
-
+from . import ggml_types
 from .dag import Context, Result, Stage
 from .errors import PipelineError
 from .formats import TensorRef, read_gguf, read_hf_checkpoint
 from .fsio import write_json
-from .names import HF_TO_GGUF_SUFFIX, LAYOUT_KV_B, LAYOUT_SPLIT_KB, expected_weights, mtp_layers
+from .names import EXPERT_NAMES, HF_TO_GGUF_SUFFIX, LAYOUT_KV_B, LAYOUT_SPLIT_KB, expected_weights, mtp_layers
 
 VERSION = 1
 RESULT = ".pipeline/plan.json"
 BLOCK = 128                      # DeepSeek FP8 weight_block_size
 MAX_LINES = 40
-
-# GGML types the verifier can dequantize and ggml's CPU kernels can multiply; others are refused up front.
-SUPPORTED_GGML = {t.name for t in (
-    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
-    GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1,
-    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K,
-    GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K, GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS,
-    GGMLQuantizationType.IQ2_S, GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ3_S, GGMLQuantizationType.IQ1_S,
-    GGMLQuantizationType.IQ1_M, GGMLQuantizationType.IQ4_NL, GGMLQuantizationType.IQ4_XS)}
 
 # config.json key -> GGUF metadata key (under `deepseek2.`). Optional ones are absent from older GGUFs.
 META_CHECKS = [
@@ -148,9 +138,9 @@ def build_plan(fp8_root: Path, gguf_root: Path, gguf_names: list[str], keep_mtp:
                 problems.append(f"{gfile[gname]}: tensor {gname} has shape {list(t.shape)} (ne reversed), "
                                 f"checkpoint {w.hf[0] if len(w.hf) == 1 else w.hf[0] + ' x' + str(len(w.hf))} "
                                 f"implies {list(gshape)}")
-            elif w.source == "gguf" and t.dtype not in SUPPORTED_GGML:
+            elif w.source == "gguf" and not ggml_types.accepted(t.dtype):
                 problems.append(f"{gfile[gname]}: tensor {gname} has GGML type {t.dtype}, which is not supported "
-                                f"(supported: {', '.join(sorted(SUPPORTED_GGML))})")
+                                f"(supported: {', '.join(sorted(ggml_types.TYPES))})")
     used_hf = {n for w in weights for n in w.hf} | {n + "_scale_inv" for w in weights for n in w.hf}
     mtp_prefixes = tuple(f"model.layers.{i}." for i in mtp_layers(cfg))
     extra_hf = sorted(n for n in hf if n not in used_hf and not n.startswith(mtp_prefixes))
@@ -218,7 +208,7 @@ def mtp_entries(i: int, names: list[str], hf: dict[str, TensorRef], roots: dict)
         out = f"blk.{i}." + HF_TO_GGUF_SUFFIX.get(rest, rest)
         entries += fp8_entries(out, [n], hf, roots, layer=i, logical_shape=list(hf[n].shape), twins={})
     for proj, by_e in sorted(experts.items()):
-        gname = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}[proj]
+        gname = EXPERT_NAMES[proj]
         hf_names = [by_e[e] for e in sorted(by_e)]
         entries += fp8_entries(f"blk.{i}.{gname}.weight", hf_names, hf, roots, layer=i,
                                logical_shape=[len(hf_names), *hf[hf_names[0]].shape], twins={})

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .dag import Context, Result, Stage
-from .dequant import GGML_BLOCK, dequantize_fp8_block, dequantize_ggml
+from . import ggml_types
+from .dequant import dequantize_fp8_block, dequantize_ggml
 from .errors import PipelineError
 from .formats import read_gguf, read_hf_checkpoint
 from .fsio import CHUNK, HASH_NAME, read_json, state_dir, write_json
@@ -33,23 +34,11 @@ RESULT = "verify.json"
 LOG = "verify/results.jsonl"             # under .pipeline/
 BUDGET = 1 << 24                         # values per side per parity task: 64 MB of float32, whatever the model
 
-# Relative RMS error of each type against the unquantized weight, measured by benchmarks/quant_error.py on Gaussian
-# weights (std 0.02, 512x4096) with ggml's own quantizer (IQ types with a uniform importance matrix). On the fixture,
-# llama-quantize's Q4_K / Q6_K experts sit at 0.0766 / 0.0321 against the FP8 checkpoint: hypot(own, FP8_ERROR) of
-# these numbers predicts 0.076 / 0.032, so the table transfers to real weights.
-OWN_ERROR = {"F32": 0.0, "F16": 0.0002, "BF16": 0.0017, "Q8_0": 0.0054, "Q6_K": 0.0178, "Q5_K": 0.0361,
-             "Q5_1": 0.0378, "Q5_0": 0.0427, "Q4_K": 0.0713, "IQ4_NL": 0.0761, "IQ4_XS": 0.0767, "Q4_1": 0.0782,
-             "Q4_0": 0.0860, "Q3_K": 0.1510, "IQ3_S": 0.1660, "IQ3_XXS": 0.2131, "IQ2_S": 0.2648, "Q2_K": 0.2966,
-             "IQ2_XS": 0.2997, "IQ2_XXS": 0.3438, "IQ1_S": 0.4856, "IQ1_M": 0.5821}
-FP8_ERROR = 0.0264                       # e4m3 with 128x128 block scales, same Gaussian weights
-MARGIN = 2.0                             # pass below twice the measured error ...
-CAP = 0.9                                # ... but never near the ~1.4 of two unrelated weights (IQ1 types)
-FLOOR = 0.005                            # bf16 rounding of norms and routers
+OWN_ERROR = {name: t.own_error for name, t in ggml_types.TYPES.items()}     # for the report
 
 
 def threshold(ggml_type: str, fp8_side: bool) -> float:
-    own = max(OWN_ERROR[ggml_type], FLOOR)
-    return min(CAP, MARGIN * math.hypot(own, FP8_ERROR if fp8_side else 0.0))
+    return ggml_types.threshold(ggml_type, fp8_side)
 
 
 # -- reading rows of a logical (rows, cols) matrix from any of the formats involved ---------------------------------
@@ -66,8 +55,7 @@ def read_rows(spec: dict, r0: int, r1: int) -> np.ndarray:
     """Rows [r0, r1) of the weight described by `spec`, as float32 (r1 - r0, cols)."""
     fmt, cols = spec["fmt"], spec["cols"]
     if fmt == "ggml":
-        block, nbytes = GGML_BLOCK[spec["type"]]
-        row = cols // block * nbytes
+        row = ggml_types.get(spec["type"]).row_bytes(cols)
         return dequantize_ggml(_pread(spec["path"], spec["offset"] + r0 * row, (r1 - r0) * row), spec["type"],
                                (r1 - r0, cols))
     if fmt == "fp8":                      # r0 is a multiple of 128: the tile rows line up
@@ -163,7 +151,7 @@ def fp8_spec(weight, scale, rows: int, cols: int) -> dict:
     if dtype == "F8_E4M3":
         return {"fmt": "fp8", "path": path, "offset": offset, "scale_path": scale[0], "scale_offset": scale[1],
                 "rows": rows, "cols": cols}
-    return {"fmt": "ggml", "type": {"F32": 0, "F16": 1, "BF16": 30}[dtype], "path": path, "offset": offset,
+    return {"fmt": "ggml", "type": ggml_types.get(dtype).id, "path": path, "offset": offset,
             "rows": rows, "cols": cols}
 
 
@@ -226,7 +214,7 @@ def build_tasks(out: Path, manifest: dict, fp8_root: Path, gguf_files: list[Path
                 twin = {"fmt": "kv_b", "k_b": ggml_spec(k_ref, nh * kvr, nope), "v_b": ggml_spec(v_ref, nh * v, kvr),
                         "nope": nope, "v": v, "kv_lora": kvr, "rows": rows, "cols": cols}
                 unit = math.lcm(nope + v, 128)
-                kind = max((k_ref.dtype, v_ref.dtype), key=lambda k: OWN_ERROR[k])
+                kind = max((k_ref.dtype, v_ref.dtype), key=lambda k: ggml_types.get(k).own_error)
             else:
                 ref = gg.tensors[next(iter(w.gguf))]
                 twin, unit, kind = ggml_spec(ref, rows, cols), 128 if fp8_side else 1, ref.dtype
@@ -353,7 +341,8 @@ def summarize(manifest: dict, info: dict, results: dict[str, dict]) -> dict:
                         "parity_checked": len(sums), "bytes": sum(r["bytes"] for r in results.values()
                                                                     if r["kind"] == "integrity")},
             "failed": failed,
-            "thresholds": {"own_error": OWN_ERROR, "fp8_error": FP8_ERROR, "margin": MARGIN, "cap": CAP},
+            "thresholds": {"own_error": OWN_ERROR, "fp8_error": ggml_types.FP8_ERROR, "margin": ggml_types.MARGIN,
+                           "cap": ggml_types.CAP},
             "tensors": per}
 
 
@@ -455,7 +444,7 @@ def run(ctx: Context) -> Result:
 
 
 def fingerprint(ctx: Context) -> dict:
-    return {"thresholds": [OWN_ERROR, FP8_ERROR, MARGIN, CAP, FLOOR]}
+    return {"thresholds": ggml_types.thresholds_fingerprint()}
 
 
 STAGE = Stage("verify", needs=("fetch", "write"),

@@ -267,8 +267,8 @@ def test_split_set_missing_part(tmp_path):
 
 def test_unsupported_ggml_type(tmp_path):
     name, qtype = "blk.1.ffn_up_exps.weight", GGMLQuantizationType.TQ2_0
-    from stages.reconcile import SUPPORTED_GGML
-    assert qtype.name not in SUPPORTED_GGML
+    from stages import ggml_types
+    assert not ggml_types.accepted(qtype.name) and not ggml_types.accepted(int(qtype))
     gguf = _swap_gguf(tmp_path, edit_tensors={
         name: lambda t: GTensor(t.name, quant_bytes(qtype, t.shape, fill=0x55), qtype, t.shape)})
     t = next(t for t in GGUFReader(gguf).tensors if t.name == name)     # the copy really holds TQ2_0 bytes

@@ -5,6 +5,7 @@ One `Weight` per logical weight of the model. `out` is the merged name (the seed
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 LAYOUT_SPLIT_KB = "attn_k_b+attn_v_b"      # llama.cpp since April 2025 (key_length_mla present)
@@ -111,3 +112,46 @@ def expected_weights(cfg: dict, layout: str) -> list[Weight]:
             add(b + EXPERT_NAMES[proj] + ".weight", [f"{m}mlp.experts.{e}.{proj}.weight" for e in range(E)],
                 (E, *shape), source="gguf", layer=i)
     return w
+
+
+# config.json keys the pipeline computes with, and their JSON types: a wrong type (`"num_experts_per_tok": "4"`) is
+# refused up front instead of merging, verifying and then failing in the runtime.
+_POS_INT = "a positive whole number"
+CONFIG_TYPES = {
+    "hidden_size": _POS_INT, "num_hidden_layers": _POS_INT, "num_attention_heads": _POS_INT,
+    "kv_lora_rank": _POS_INT, "qk_nope_head_dim": _POS_INT, "qk_rope_head_dim": _POS_INT, "v_head_dim": _POS_INT,
+    "n_routed_experts": _POS_INT, "moe_intermediate_size": _POS_INT, "intermediate_size": _POS_INT,
+    "vocab_size": _POS_INT, "num_experts_per_tok": _POS_INT, "first_k_dense_replace": "a whole number",
+    "n_shared_experts": _POS_INT, "n_group": _POS_INT, "topk_group": _POS_INT, "q_lora_rank": "a positive whole number or null",
+    "num_nextn_predict_layers": "a whole number", "max_position_embeddings": _POS_INT,
+    "routed_scaling_factor": "a number", "rms_norm_eps": "a number", "rope_theta": "a number",
+    "bos_token_id": "a whole number", "eos_token_id": "a whole number", "rope_scaling": "a mapping or null",
+}
+REQUIRED_CONFIG = ["hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+                   "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "moe_intermediate_size", "intermediate_size",
+                   "vocab_size", "num_experts_per_tok"]
+
+
+def _config_value_ok(kind: str, v) -> bool:
+    is_int = isinstance(v, int) and not isinstance(v, bool)
+    if kind == _POS_INT:
+        return is_int and v > 0
+    if kind == "a whole number":
+        return is_int and v >= 0
+    if kind == "a positive whole number or null":
+        return v is None or (is_int and v > 0)
+    if kind == "a number":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return v is None or isinstance(v, dict)
+
+
+def config_problems(cfg, where: str) -> list[str]:
+    """One line per config.json value the pipeline cannot compute with (missing, or of the wrong type)."""
+    if not isinstance(cfg, dict):
+        return [f"{where}: not a JSON object"]
+    missing = [k for k in REQUIRED_CONFIG if k not in cfg]
+    problems = [f"{where}: missing {', '.join(missing)}"] if missing else []
+    for k, kind in CONFIG_TYPES.items():
+        if k in cfg and not _config_value_ok(kind, cfg[k]):
+            problems.append(f"{where}: {k} is {json.dumps(cfg[k])}, must be {kind}")
+    return problems

@@ -14,7 +14,8 @@ from .dag import Context, Result, Stage
 from .errors import PipelineError
 from .formats import TensorRef, read_gguf, read_hf_checkpoint
 from .fsio import write_json
-from .names import EXPERT_NAMES, HF_TO_GGUF_SUFFIX, LAYOUT_KV_B, LAYOUT_SPLIT_KB, expected_weights, mtp_layers
+from .names import (EXPERT_NAMES, HF_TO_GGUF_SUFFIX, LAYOUT_KV_B, LAYOUT_SPLIT_KB, config_problems, expected_weights,
+                    mtp_layers)
 
 VERSION = 1
 RESULT = ".pipeline/plan.json"
@@ -31,6 +32,12 @@ META_CHECKS = [
     ("kv_lora_rank", "attention.kv_lora_rank", True), ("qk_rope_head_dim", "rope.dimension_count", True),
     ("n_group", "expert_group_count", False), ("topk_group", "expert_group_used_count", False),
     ("routed_scaling_factor", "expert_weights_scale", False), ("vocab_size", "vocab_size", False),
+    ("rope_theta", "rope.freq_base", False), ("rms_norm_eps", "attention.layer_norm_rms_epsilon", False),
+    ("max_position_embeddings", "context_length", False),
+    ("rope_scaling.factor", "rope.scaling.factor", False),
+    ("rope_scaling.original_max_position_embeddings", "rope.scaling.original_context_length", False),
+    ("rope_scaling.beta_fast", "rope.scaling.yarn_beta_fast", False),
+    ("rope_scaling.beta_slow", "rope.scaling.yarn_beta_slow", False),
 ]
 CONFIG_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
                "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "moe_intermediate_size", "intermediate_size",
@@ -39,6 +46,18 @@ CONFIG_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lo
 
 def gguf_layout(meta: dict) -> str:
     return LAYOUT_SPLIT_KB if "deepseek2.attention.key_length_mla" in meta else LAYOUT_KV_B
+
+
+def _dotted(cfg: dict, key: str):
+    """cfg["rope_scaling"]["factor"] for "rope_scaling.factor"; None if any part is absent."""
+    for part in key.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def _same_number(have, want) -> bool:
+    ok = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)     # noqa: E731
+    return ok(have) and ok(want) and math.isclose(float(have), float(want), rel_tol=1e-6)
 
 
 def check_config(cfg: dict, meta: dict, cfg_path: str, gguf_path: str) -> list[str]:
@@ -54,7 +73,7 @@ def check_config(cfg: dict, meta: dict, cfg_path: str, gguf_path: str) -> list[s
     meta = dict(meta)
     if "deepseek2.vocab_size" not in meta and "tokenizer.ggml.tokens" in meta:
         meta["deepseek2.vocab_size"] = meta["tokenizer.ggml.tokens"]
-    wants = [(c, g, req, cfg.get(c)) for c, g, req in META_CHECKS]
+    wants = [(c, g, req, _dotted(cfg, c)) for c, g, req in META_CHECKS]
     nope, rope, v, kvr = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
     if gguf_layout(meta) == LAYOUT_SPLIT_KB:
         wants += [("qk_nope_head_dim+qk_rope_head_dim", "attention.key_length_mla", True, nope + rope),
@@ -70,7 +89,7 @@ def check_config(cfg: dict, meta: dict, cfg_path: str, gguf_path: str) -> list[s
             if required:
                 problems.append(f"{gguf_path}: metadata deepseek2.{gkey} missing (config {ckey} = {want})")
             continue
-        if want is None or not math.isclose(float(have), float(want), rel_tol=1e-6):
+        if not _same_number(have, want):
             problems.append(f"config mismatch: {cfg_path} {ckey} = {want}, {gguf_path} deepseek2.{gkey} = {have}")
     return problems
 
@@ -115,6 +134,9 @@ def fp8_entries(out: str, hf_names: list[str], hf: dict[str, TensorRef], roots: 
 def build_plan(fp8_root: Path, gguf_root: Path, gguf_names: list[str], keep_mtp: bool) -> dict:
     cfg_path = fp8_root / "config.json"
     cfg, hf = read_hf_checkpoint(fp8_root)
+    problems = config_problems(cfg, str(cfg_path))
+    if problems:
+        raise PipelineError("\n".join(problems))
     gg = read_gguf([gguf_root / n for n in gguf_names])
     problems = check_config(cfg, gg.meta, str(cfg_path), str(gg.files[0]))
     if problems:

@@ -4,6 +4,7 @@ Relative paths resolve against the manifest's own folder, so a manifest can be m
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,4 +141,9 @@ def _resolve(manifest_path: Path, value: str) -> Path:
         p = Path(value).expanduser()
     except RuntimeError as e:                  # ~nosuchuser/x
         raise PipelineError(f"{manifest_path}: path {value}: {e}") from None
-    return p if p.is_absolute() else (manifest_path.parent / p).resolve()
+    if p.is_absolute():
+        return p
+    try:
+        return (manifest_path.parent / p).resolve()
+    except (RuntimeError, OSError):            # a symlink loop: fetch says so when it looks at the source
+        return Path(os.path.abspath(manifest_path.parent / p))

@@ -278,7 +278,6 @@ def build_tasks(out: Path, manifest: dict, sources: dict, broken: set[str] = fro
 
 # -- running the tasks: dask locally or on a cluster ----------------------------------------------------------------
 
-CONNECT_TIMEOUT = "20s"
 
 
 @contextlib.contextmanager
@@ -292,7 +291,7 @@ def cluster(scheduler: str | None, workers: int | None):
     local = None
     try:
         if scheduler:
-            client = Client(scheduler, timeout=CONNECT_TIMEOUT)
+            client = Client(scheduler)     # waits distributed.comm.timeouts.connect (dask config)
         else:
             local = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                  dashboard_address=":0", silence_logs="ERROR")   # a logging level name:

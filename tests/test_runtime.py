@@ -461,9 +461,11 @@ def test_opens_a_seed_system_folder(merged, model, prose_ids, tmp_path):
         shutil.copy(shard, seed / ("sub" if i % 2 else ".") / f"{i}.safetensors")      # scanned recursively
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(merged / name, seed / name)
-    folder = open_folder(seed)
+    with pytest.raises(ModelError, match="seed-format"):             # no checksums: never served by default
+        open_folder(seed)
+    folder = open_folder(seed, allow_unverified=True)
     assert not folder.verified and folder.manifest is None
     exps = folder.tensors["blk.1.ffn_down_exps.weight"]
     assert exps.logical_shape == (16, 256, 256) and exps.ggml_type in (12, 14)
-    seed_model = runtime.load(seed, max_len=1024, device="cpu")
+    seed_model = runtime.load(seed, max_len=1024, device="cpu", allow_unverified=True)
     assert torch.equal(runtime.logits(seed_model, prose_ids[:64]), runtime.logits(model, prose_ids[:64]))

@@ -80,7 +80,8 @@ def cli():
 @click.option("--force", is_flag=True, help="Redo the selected stages even if their inputs are unchanged.")
 @click.option("--keep-mtp/--no-keep-mtp", default=None, help="Keep the MTP layer (default: the manifest's keep_mtp, "
                                                              "else skipped).")
-@click.option("--bwlimit", type=click.FloatRange(min=0, min_open=True), metavar="MB/S", help="Cap the write rate, leaving disk bandwidth to others.")
+@click.option("--bwlimit", type=click.FloatRange(min=0, min_open=True), metavar="MB/S",
+              help="Cap the write rate, leaving disk bandwidth to others.")
 @scheduler_option
 @workers_option
 @json_option

@@ -17,7 +17,8 @@ from typing import Callable
 from rich.markup import escape
 
 from .errors import PipelineError
-from .fsio import OutputLock, claim_output, clean_tmp, disk_error, hash_bytes, hash_file, read_json, state_dir, write_json
+from .fsio import (OutputLock, claim_output, clean_tmp, disk_error, hash_bytes, hash_file, read_json, state_dir,
+                   write_json)
 from .manifest import Manifest, Option  # noqa: F401 (Option: for the stages)
 from .ui import console
 
@@ -242,6 +243,12 @@ def run_explicit(ctx: Context, stages: list[Stage], name: str, force: bool = Fal
     brought up to date first; the others must have run once. Partial work is reused only from an interrupted run of
     the same stage (and not with --force)."""
     stage = next(s for s in stages if s.name == name)
+    if not (ctx.out / "manifest.json").is_file():
+        raise PipelineError(f"{ctx.out}: no merged model here (no manifest.json); `python pipeline.py run` makes one")
+    if not state_dir(ctx.out).is_dir():
+        raise PipelineError(f"{ctx.out}: not merged here (no {state_dir(ctx.out).name}/ with the sources it was made "
+                            f"from); `python pipeline.py verify --folder {ctx.out}` checks it against its "
+                            "manifest.json alone")
     claim_output(ctx.out)
     with OutputLock(ctx.out):
         clean_tmp(ctx.out)

@@ -194,10 +194,19 @@ def task_id(t: dict, files: dict[str, str]) -> str:
         if isinstance(x, list):
             return [canon(v) for v in x]
         if isinstance(x, str) and (x in files or os.path.isabs(x)):
-            return files.get(x, "unknown-file")
+            return files.get(x) or _stat_id(x)
         return x
     where = f":{t['rows'][0]}" if "rows" in t else ""
     return f"{t['kind']}:{t['name']}{where}:" + digest([VERSION, canon(t)])
+
+
+def _stat_id(path: str) -> str:
+    """A file no stage recorded a content hash for: known by its path, size and mtime (changed, checked again)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"missing:{path}"
+    return f"file:{path}:{st.st_size}.{st.st_mtime_ns}"
 
 
 def build_tasks(out: Path, manifest: dict, sources: dict, broken: set[str] = frozenset()) -> tuple[list[dict], dict]:

@@ -461,7 +461,8 @@ CONFIG_VS_GGUF = [
     ("rope_theta", "rope.freq_base"), ("rms_norm_eps", "attention.layer_norm_rms_epsilon"),
     ("max_position_embeddings", "context_length"), ("rope_scaling.factor", "rope.scaling.factor"),
     ("rope_scaling.original_max_position_embeddings", "rope.scaling.original_context_length"),
-    ("rope_scaling.beta_fast", "rope.scaling.yarn_beta_fast"), ("rope_scaling.beta_slow", "rope.scaling.yarn_beta_slow"),
+    ("rope_scaling.beta_fast", "rope.scaling.yarn_beta_fast"),
+    ("rope_scaling.beta_slow", "rope.scaling.yarn_beta_slow"),
     ("qk_nope_head_dim+qk_rope_head_dim", "attention.key_length_mla"), ("v_head_dim", "attention.value_length_mla"),
     ("kv_lora_rank+qk_rope_head_dim", "attention.key_length"), ("kv_lora_rank", "attention.value_length"),
 ]

@@ -646,3 +646,15 @@ def test_unreachable_scheduler_changes_nothing(clean, tmp_path):
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "--scheduler tcp://127.0.0.1:9: cannot connect" in errors[0], errors
     assert m.read("manifest.json") == before and before["verified"] is True
+
+
+def test_verify_without_a_merged_folder_points_the_way(clean, tmp_path):
+    missing = tmp_path / "nothing"
+    res = cli("verify", "--manifest", clean.manifest, "--out", missing)
+    assert res.returncode == 2 and "no manifest.json" in res.stderr and not missing.exists(), res.stderr
+    bare = tmp_path / "bare"
+    shutil.copytree(clean.out, bare, ignore=shutil.ignore_patterns(".pipeline"))
+    res = cli("verify", "--manifest", clean.manifest, "--out", bare)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1 and f"verify --folder {bare}" in errors[0], res.stderr
+    assert not (bare / ".pipeline").exists()

@@ -666,9 +666,10 @@ def run(ctx: Context) -> Result:
     check_manifest_shape(manifest, str(ctx.out / "manifest.json"))
     with cluster(ctx.verify.get("scheduler"), ctx.verify.get("workers")) as client:   # before anything changes
         start = time.time()
+        set_verified(ctx.out, False)
+        (ctx.out / RESULT).unlink(missing_ok=True)       # no earlier report may stand for this run's
         problems = folder_problems(ctx.out, manifest)
         files = file_report(problems, manifest)
-        set_verified(ctx.out, False)
         tasks, info = build_tasks(ctx.out, manifest, sources, broken=set(problems))
         # `run` reuses results whose inputs (shard and sources) are unchanged; `pipeline.py verify` reads afresh,
         # taking only what an interrupted verify of its own had finished

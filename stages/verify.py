@@ -6,8 +6,14 @@ Two checks per merged tensor, both against the sources read afresh (no trust in 
    from the GGUF against the FP8 checkpoint's experts; FP8 tensors against their GGUF twins, attn_kv_b against
    attn_k_b/attn_v_b rebuilt per head). A right tensor differs by its quantization error; a mis-mapped one
    (wrong layer, swapped experts, transposed, k/v mixed up) by ~1.4 (two unrelated weights of equal scale).
+Before those, the folder itself: every shard present, of manifest.json's size, with a header that lists exactly
+manifest.json's tensors; no extra shard; config, tokenizer, template and index against manifest.json's `files`.
 Work is one dask task per tensor and per bounded chunk of rows (whole experts), so it spreads over local cores or a
-distributed cluster with bounded memory per task; per-task results are logged so a killed verify resumes.
+distributed cluster with bounded memory per task; per-task results are logged so a killed verify resumes. A result
+is reused only under a key that holds everything its task read (the shard's size and mtime, both sources' content
+hashes), and `pipeline.py verify` reuses only what an interrupted verify of its own finished: it always reads.
+check_folder is `verify --folder`: the same folder checks and every tensor's bytes against manifest.json alone
+(no sources, no parity), or a seed-format folder's completeness (stages/seedcheck.py).
 """
 from __future__ import annotations
 

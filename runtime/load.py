@@ -17,7 +17,8 @@ import numpy as np
 FORMAT, FORMAT_VERSION = "dsv3-hybrid", 1
 SAMPLE_BYTES = 64 << 20          # bytes re-hashed on open: all small tensors plus a rotating sample of big ones
 AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "model.safetensors.index.json")
+             "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "added_tokens.json", "vocab.json",
+             "merges.txt", "model.safetensors.index.json")   # what the runtime or its tokenizer may read
 NP_DTYPE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F8_E4M3": np.uint8, "U8": np.uint8,
             "I64": np.int64}
 

@@ -24,7 +24,7 @@ RESULT = ".pipeline/sources.json"
 HASH_CACHE = ".pipeline/hash-cache.json"
 FP8_PATTERNS = ["config.json", "generation_config.json", "model.safetensors.index.json", "*.safetensors",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                "chat_template.jinja"]
+                "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt"]
 DOWNLOAD_ATTEMPTS = 3
 
 

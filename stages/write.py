@@ -26,7 +26,8 @@ FORMAT_VERSION = 1
 ALIGN = 64                                  # tensors whose size is a multiple of this start 64-byte aligned
 SYNC_EVERY = 64 << 20                       # flush written bytes to disk and drop their pages this often
 AUX_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "tokenizer.model", "chat_template.jinja"]
+             "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "added_tokens.json", "vocab.json",
+             "merges.txt"]               # whatever transformers' AutoTokenizer may read: each gets a checksum
 INDEX = "model.safetensors.index.json"
 MANIFEST = "manifest.json"
 

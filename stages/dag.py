@@ -265,7 +265,7 @@ def run_explicit(ctx: Context, stages: list[Stage], name: str, force: bool = Fal
         for up in stage.needs:
             rec = ctx.record(up)
             if rec is None or rec.get("state") != "done":
-                raise PipelineError(f"{ctx.out}: stage {up} has not run here; run `python pipeline.py run` first "
+                raise PipelineError(f"{ctx.out}: stage {up} has not finished here; run `python pipeline.py run` first "
                                     f"(or `python pipeline.py verify --folder {ctx.out}` to check the folder alone)")
         prev = ctx.record(name)
         ctx.forced, ctx.explicit = force, True

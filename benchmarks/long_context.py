@@ -37,7 +37,7 @@ from runtime import ggml_ops as G  # noqa: E402  (first: OpenMP wait policy)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from layer import CONFIG, LAYERS_DENSE, LAYERS_MOE, VOCAB_REAL, build_folder, median_time  # noqa: E402
-from runtime.model import MoE, Transformer, decode_span  # noqa: E402
+from runtime.model import MoE, Transformer, decode_span, prefill_reserve  # noqa: E402
 from synthetic import HIDDEN, MATS, TOPK, expert_nbytes  # noqa: E402
 
 EXPERT_BYTES = sum(expert_nbytes(t, s) for _, t, s in MATS)
@@ -95,6 +95,7 @@ def main():
     p.add_argument("--positions", type=ints, default=ints("1024,8192,32768"))
     p.add_argument("--batches", type=ints, default=ints("1,4,8,16"))
     p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--ctx", type=int, default=0, help="context to configure (default: what the runs need)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--dir", default=tempfile.gettempdir())
@@ -104,7 +105,7 @@ def main():
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    max_len = max(args.prompts + [q + 1 for q in args.positions] + [1025])
+    max_len = max(args.prompts + [q + 1 for q in args.positions] + [1025, args.ctx])
     res = {"device": torch.cuda.get_device_name(), "cpu_threads": threads, "chunk": args.chunk, "prefill": [],
            "decode": [], "batched": []}
     h2d, bw = pinned_h2d(), cpu_read()
@@ -181,21 +182,25 @@ def main():
 
         # ------------------------------------------------------------------ batched decode
         head = torch.randn(VOCAB_REAL, HIDDEN, device="cuda", dtype=torch.bfloat16)
-        for B in args.batches:
+        def step_parts(B: int) -> dict:
+            """One decode step of B sequences at position 1024 through the runtime's graphs, and its pieces."""
             toks = torch.randint(0, CONFIG["vocab_size"], (B,))
-            pos = torch.full((B,), 1024)
-            sl = torch.arange(B)
+            pos, sl = torch.full((B,), 1024), torch.arange(B)
             net.decode(toks, pos, sl)
             t_step = median_time(lambda: net.decode(toks, pos, sl), args.steps)
             graphs = net.graphs.sets[B, decode_span(1024, net.max_len)][0]
             gpu_only = [s for s in graphs if isinstance(s, torch.cuda.CUDAGraph)]
             moe_steps = [s for s in graphs if not isinstance(s, torch.cuda.CUDAGraph)]
-
             t_dense, t_attn, t_logits = (median_time(g.replay, args.steps) for g in gpu_only)
-            t_shared = median_time(moe_steps[0][1].replay, args.steps)
+            t_gpu_side = median_time(moe_steps[0][1].replay, args.steps)   # shared (+ resident experts)
             ids = moe_steps[0][3]
-            distinct = len(set(ids.flatten().tolist()))
-            t_moe = t_step - t_dense - t_logits                   # the MoE layer's step as the runtime runs it
+            return dict(step=t_step, dense=t_dense, attn=t_attn, logits=t_logits, gpu_side=t_gpu_side,
+                        moe=t_step - t_dense - t_logits, ids=ids.cpu().numpy())
+
+        for B in args.batches:
+            r = step_parts(B)
+            t_dense, t_attn, t_shared, t_moe, t_step = r["dense"], r["attn"], r["gpu_side"], r["moe"], r["step"]
+            distinct = len(np.unique(r["ids"]))
             bound = distinct * EXPERT_BYTES / bw + t_attn + t_shared
             xh = torch.randn(B, HIDDEN, device="cuda", dtype=torch.bfloat16)
             t_head = median_time(lambda: torch.matmul(xh, head.T), args.steps)
@@ -209,6 +214,48 @@ def main():
                   f"shared {t_shared * 1e6:3.0f} us), {distinct} distinct experts (E(B) {expected:.1f}), bound "
                   f"{bound * 1e3:6.2f} ms -> {t_moe / bound:.2f}x; "
                   f"DeepSeek-V3 projected {B / proj:6.2f} tok/s total", flush=True)
+        # ------------------------------------------------------------------ GPU-resident experts (issue 14)
+        cpu1 = res["batched"][0] if res["batched"] and res["batched"][0]["batch"] == 1 else None
+        if cpu1 is not None:
+            xh = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+            t_head = median_time(lambda: torch.matmul(xh, head.T), args.steps)
+            res["resident"] = {}
+            for label, ids in (("all", np.arange(256)), ("half", np.arange(0, 256, 2))):
+                experts.make_resident(ids, net.device)
+                net.graphs = None                                # the GPU side's graph holds the stacks
+                r = step_parts(1)
+                on_gpu = float(experts.resident[r["ids"]].mean())
+                res["resident"][label] = dict(moe_layer_s=r["moe"], gpu_side_s=r["gpu_side"], attn_s=r["attn"],
+                                              token_experts_on_gpu=on_gpu)
+                print(f"resident {label:4s}: MoE layer step {r['moe'] * 1e6:6.0f} us (GPU side {r['gpu_side'] * 1e6:4.0f} "
+                      f"us, {on_gpu:.0%} of the token's experts on the GPU)", flush=True)
+            experts.make_resident([], net.device)
+            net.graphs = None
+            # DeepSeek-V3: whole MoE layers' experts resident (no profile) in what the card leaves
+            weights = sum(t.end - t.begin for n, t in folder.tensors.items() if "_exps." not in n and
+                          n.startswith("blk.1.")) * LAYERS_MOE + sum(
+                t.end - t.begin for n, t in folder.tensors.items() if n.startswith("blk.0.")) * LAYERS_DENSE \
+                + 2 * VOCAB_REAL * HIDDEN * 2
+            layer_experts = 256 * EXPERT_BYTES
+            total = torch.cuda.get_device_properties(0).total_memory
+            ctx = 32768
+            kv = (LAYERS_DENSE + LAYERS_MOE) * ctx * 576 * 2
+            extra = 2 * (1 << 30) + (1 << 30) + prefill_reserve(net.a, args.chunk, ctx)   # streaming slots, margin
+            t_all = res["resident"]["all"]["moe_layer_s"]
+            t_cpu, t_dense1 = cpu1["moe_layer_s"], cpu1["dense_layer_s"]
+            serial = LAYERS_DENSE * t_dense1 + LAYERS_MOE * (cpu1["attn_router_s"] + cpu1["shared_s"]) + t_head
+            res["projection"] = {}
+            for case, card in (("cpu_only", 0), ("fill_card", total), ("cap_24GiB", 24 << 30)):
+                budget = max(0, card - weights - kv - extra) if card else 0
+                n_gpu = min(LAYERS_MOE, budget // layer_experts)
+                step = LAYERS_DENSE * t_dense1 + (LAYERS_MOE - n_gpu) * t_cpu + n_gpu * t_all + t_head
+                bound = (LAYERS_MOE - n_gpu) * TOPK * EXPERT_BYTES / bw + serial
+                res["projection"][case] = dict(gpu_layers=int(n_gpu), tok_s=1 / step, bound_tok_s=1 / bound,
+                                               of_bound=bound / step)
+                print(f"DeepSeek-V3 decode, {case:9s}: {n_gpu:2d} of {LAYERS_MOE} MoE layers' experts on the GPU "
+                      f"(weights {weights / 2**30:.0f} GiB, KV {ctx} tokens {kv / 2**30:.1f} GiB): {1 / step:5.2f} "
+                      f"tok/s; bound {1 / bound:5.2f} (expert bytes / CPU bandwidth + serial GPU work): "
+                      f"{bound / step:.0%}", flush=True)
     print(f"pinned host->device {h2d / 1e9:.1f} GB/s; CPU read {bw / 1e9:.1f} GB/s")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

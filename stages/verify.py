@@ -18,13 +18,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from gguf.constants import GGMLQuantizationType
 
 from .dag import Context, Result, Stage
 from .dequant import GGML_BLOCK, dequantize_fp8_block, dequantize_ggml
 from .errors import PipelineError
 from .formats import read_gguf, read_hf_checkpoint
 from .fsio import CHUNK, HASH_NAME, read_json, state_dir, write_json
-from .names import expected_weights
+from .mixes import expert_type
+from .names import LAYOUT_KV_B, expected_weights
+from .quantize import DONE_DIR as QUANTIZED_DIR
 from .reconcile import gguf_layout
 from .ui import byte_progress, console
 
@@ -171,10 +174,13 @@ def as_2d(shape) -> tuple[int, int]:
     return (1, shape[0]) if len(shape) == 1 else (math.prod(shape[:-1]), shape[-1])
 
 
-def build_tasks(out: Path, manifest: dict, fp8_root: Path, gguf_files: list[Path]) -> tuple[list[dict], dict]:
+def build_tasks(out: Path, manifest: dict, fp8_root: Path, gguf_files: list[Path],
+                mix: str | None = None) -> tuple[list[dict], dict]:
+    """`mix`: the experts were quantized here (gguf: {quantize: mix}); there is no GGUF, so FP8 tensors get integrity
+    only and the experts' parity is against the checkpoint they were made from."""
     cfg, hf = read_hf_checkpoint(fp8_root)
-    gg = read_gguf(gguf_files)
-    weights = {w.out: w for w in expected_weights(cfg, gguf_layout(gg.meta))}
+    gg = None if mix else read_gguf(gguf_files)
+    weights = {w.out: w for w in expected_weights(cfg, gguf_layout(gg.meta) if gg else LAYOUT_KV_B)}
     tensors = manifest["tensors"]
     tasks, info = [], {}
     for name, e in tensors.items():
@@ -184,9 +190,18 @@ def build_tasks(out: Path, manifest: dict, fp8_root: Path, gguf_files: list[Path
         src = e["source"]
         integrity = {"kind": "integrity", "id": f"integrity:{key}", "name": name, "merged": [shard, *e["offsets"]],
                      "expect": e[HASH_NAME], "bytes": e["offsets"][1] - e["offsets"][0]}
-        if src["side"] == "value":
+        if src["side"] == "value" and mix:           # the type llama.cpp's mix gives these experts
+            w = weights[name.removesuffix(".ggml_type") + ".weight"]
+            proj = name.split(".")[2].removeprefix("ffn_").removesuffix("_exps")
+            integrity["value"] = int(GGMLQuantizationType[expert_type(mix, proj, w.layer, cfg["num_hidden_layers"],
+                                                                      w.shape[-1])])
+        elif src["side"] == "value":
             sibling = tensors[name.removesuffix(".ggml_type") + ".weight"]["source"]["name"]
             integrity["value"] = gg.tensors[sibling].ggml_type
+        elif src["side"] == "quantized":             # the quantize stage's file when kept, else a hash check only
+            made = out / QUANTIZED_DIR / f"{name}.ggml"
+            integrity["segments"] = [[str(made), 0, integrity["bytes"]]] if made.exists() else \
+                [[shard, *e["offsets"][:1], integrity["bytes"]]]
         else:
             table = hf if src["side"] == "fp8" else gg.tensors
             names = src["name"] if isinstance(src["name"], list) else [src["name"]]
@@ -198,8 +213,8 @@ def build_tasks(out: Path, manifest: dict, fp8_root: Path, gguf_files: list[Path
         tasks.append(integrity)
 
         w = weights.get(name)
-        if w is None:                    # scales, .ggml_type, MTP: integrity only (a scale's parity is its weight's)
-            info[name] = {"twin": None}
+        if w is None or (gg is None and w.source != "gguf"):   # scales, .ggml_type, MTP, FP8 without a GGUF:
+            info[name] = {"twin": None}                         # integrity only (a scale's parity is its weight's)
             continue
         rows, cols = as_2d(w.shape)
         if w.source == "gguf":           # routed experts: merged GGML bytes vs the checkpoint's FP8 experts
@@ -210,7 +225,7 @@ def build_tasks(out: Path, manifest: dict, fp8_root: Path, gguf_files: list[Path
                               (str(hf[n + "_scale_inv"].file), hf[n + "_scale_inv"].offset) if
                               n + "_scale_inv" in hf else None, per, cols) for n in w.hf]
             twin = {"fmt": "stack", "parts": parts, "part_rows": per, "rows": rows, "cols": cols}
-            group, unit, kind, fp8_side = per, per, e["ggml_type"], True
+            group, unit, kind, fp8_side = per, per, e["ggml_type"], src["side"] != "quantized"   # quantized from it
             info[name] = {"twin": f"checkpoint {w.hf[0].replace('.0.', '.E.', 1)} (E = 0..{len(w.hf) - 1})",
                           "experts": len(w.hf)}
         else:                            # checkpoint tensor vs its GGUF twin(s)
@@ -411,8 +426,9 @@ def run(ctx: Context) -> Result:
     sources = ctx.result("fetch")
     manifest = read_json(ctx.out / "manifest.json")
     set_verified(ctx.out, False)
+    mix = sources["gguf"].get("quantize")
     tasks, info = build_tasks(ctx.out, manifest, Path(sources["fp8"]["root"]),
-                              [Path(sources["gguf"]["root"]) / n for n in sources["gguf"]["order"]])
+                              [] if mix else [Path(sources["gguf"]["root"]) / n for n in sources["gguf"]["order"]], mix)
     log_path = state_dir(ctx.out) / LOG
     log_path.parent.mkdir(exist_ok=True)
     if ctx.forced:

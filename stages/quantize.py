@@ -186,6 +186,7 @@ def run(ctx: Context) -> Result:
     plan = ctx.result("reconcile")
     tensors = [t for t in plan["tensors"].values() if t["side"] == "quantized"]
     if not tensors:
+        remove_others(ctx.out, set())
         write_json(ctx.out / RESULT, {"mix": None, "files": {}}, ctx.out)
         return Result(result=RESULT, outputs=[RESULT], summary="nothing to quantize: the routed experts come from "
                                                                 "the GGUF")
@@ -231,9 +232,7 @@ def run(ctx: Context) -> Result:
     finally:
         for w in works:
             w.close()
-    for stale in (ctx.out / DONE_DIR).glob("*.ggml"):       # tensors of an older plan: ours, so remove
-        if stale.name not in files:
-            stale.unlink()
+    remove_others(ctx.out, {n.removesuffix(".ggml") for n in files})
     mix = plan["quantize"]
     write_json(ctx.out / RESULT, {"mix": mix, **versions, "files": files}, ctx.out)
     n_experts = sum(len(t["experts"]) for t in tensors)
@@ -241,6 +240,15 @@ def run(ctx: Context) -> Result:
     return Result(result=RESULT, outputs=[RESULT] + [f"{DONE_DIR}/{n}" for n in sorted(files)],
                   summary=f"{len(tensors)} tensors ({n_experts} experts) to {mix} with ggml {versions['ggml']}, "
                           f"{total / 1e9:.2f} GB ({len(todo)} quantized, {len(tensors) - len(todo)} kept)")
+
+
+def remove_others(out: Path, names: set[str]) -> None:
+    """Files of tensors an older plan had (ours, so removed): finished ones and ones left in progress."""
+    for d in (DONE_DIR, WORK_DIR):
+        if (out / d).is_dir():
+            for p in (out / d).iterdir():
+                if p.name.rsplit(".", 1)[0] not in names:
+                    p.unlink()
 
 
 def _quantize_all(works: list[Work], jobs: list, root: str, n_workers: int, advance, fp8_bytes) -> None:

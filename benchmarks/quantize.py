@@ -12,7 +12,8 @@ Measured in one run:
 - per matrix type, CPU seconds per expert matrix on one thread (thread_time: what a core spends, whatever else
   this shared host runs; the least of --repeats), and the same for ggml_quantize_chunk alone on ready float32 values (the bound: the
   quantizer we must call; the rest is our reading, dequantizing and rounding);
-- the pool: all matrices on --threads threads, wall clock: experts/s and GB/s of FP8 read on this machine.
+- the pool: all matrices on --threads threads, wall clock: experts/s and GB/s of FP8 read on this machine; the
+  cores it really got (process CPU time / wall) and its CPU time against one thread's (> 1: threads cost extra).
 Projection: DeepSeek-V3 has 58 MoE layers x 256 experts x 3 matrices; under Q4_K_M 27 of the 58 layers' down
 matrices are Q6_K (stages.mixes, n = 61). CPU-seconds for all of them / 64 cores, assuming the per-core rate holds
 on 64 cores (the work is independent per expert; it reads ~0.1 GB/s of FP8 per core, far below memory bandwidth,
@@ -102,10 +103,10 @@ def main():
     def one(job):
         proj, expert, rows, cols = job
         return Q.quantize_expert(expert, root, types["Q6_K" if proj == "down" else "Q4_K"], rows, cols).nbytes
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(a.threads) as pool:
         list(pool.map(one, jobs))
-    wall = time.perf_counter() - t0
+    wall, pool_cpu = time.perf_counter() - t0, time.process_time() - c0
     fp8_read = sum(j[1]["weight"][2] for j in jobs)
 
     # 3. projection: DeepSeek-V3 under Q4_K_M
@@ -126,6 +127,9 @@ def main():
         "quantizer_alone_cpu_s_per_matrix": {f"{p}/{t}": round(v, 4) for (p, t), v in bound.items()},
         "overhead_vs_quantizer": round(cpu_total / bound_total, 3),
         "pool": {"threads": a.threads, "experts": a.experts, "wall_s": round(wall, 3),
+                 "cores_used": round(pool_cpu / wall, 2),           # what the host gave us: < threads when shared
+                 "cpu_s_vs_one_thread": round(pool_cpu / (a.experts * (2 * per[("gate", "Q4_K")] +
+                                                                        per[("down", "Q6_K")])), 3),
                  "experts_per_s": round(a.experts / wall, 3), "fp8_GB_per_s": round(fp8_read / wall / 1e9, 4)},
         "per_core": {"experts_per_s": round(EXPERTS * LAYERS / cpu_total, 4),
                      "fp8_GB_per_s": round(fp8_total / cpu_total / 1e9, 4)},
@@ -145,7 +149,8 @@ def main():
         print(f"  {k:10s} {v:.3f} CPU s per matrix (ggml's quantizer alone {r['quantizer_alone_cpu_s_per_matrix'][k]:.3f})")
     pl = r["pool"]
     print(f"pool of {pl['threads']} threads: {pl['experts']} experts in {pl['wall_s']:.2f} s = {pl['experts_per_s']:.2f} "
-          f"experts/s, {pl['fp8_GB_per_s']:.3f} GB/s of FP8 read")
+          f"experts/s, {pl['fp8_GB_per_s']:.3f} GB/s of FP8 read; {pl['cores_used']:.2f} cores used, CPU time "
+          f"{pl['cpu_s_vs_one_thread']:.2f}x one thread's")
     pj = r["projection"]
     print(f"DeepSeek-V3 Q4_K_M: {pj['experts']} experts x 3 matrices ({pj['q6_k_down_layers']}/58 down layers Q6_K): "
           f"{pj['cpu_hours']:.2f} CPU hours -> {pj['minutes']:.1f} min on {pj['cores']} cores (quantizer alone "

@@ -220,3 +220,14 @@ def test_bad_quantize_values_are_one_clear_line(tmp_path):
         with pytest.raises(PipelineError) as e:
             load_manifest(path)
         assert message in str(e.value) and "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_bf16_checkpoint_experts(tmp_path):
+    """A checkpoint whose experts are BF16 (no scales): widened to float32 exactly, then ggml's quantizer."""
+    from stages import quantize
+    w, _ = reference_bf16("model.layers.1.mlp.experts.3.up_proj.weight")     # float32 holding BF16 values
+    bits = (w.view(np.uint32) >> 16).astype(np.uint16)
+    (tmp_path / "experts.bin").write_bytes(b"hdr" + bits.tobytes())
+    expert = {"dtype": "BF16", "weight": ["experts.bin", 3, bits.nbytes], "scale": None}
+    q4_k = int(GGMLQuantizationType.Q4_K)
+    assert quantize.quantize_expert(expert, str(tmp_path), q4_k, *w.shape).tobytes() == ggml_quantize(w, q4_k)

@@ -13,6 +13,7 @@ import ctypes
 import functools
 import json
 import os
+import re
 import signal
 import time
 
@@ -231,3 +232,35 @@ def test_bf16_checkpoint_experts(tmp_path):
     expert = {"dtype": "BF16", "weight": ["experts.bin", 3, bits.nbytes], "scale": None}
     q4_k = int(GGMLQuantizationType.Q4_K)
     assert quantize.quantize_expert(expert, str(tmp_path), q4_k, *w.shape).tobytes() == ggml_quantize(w, q4_k)
+
+
+def test_row_length_fallbacks():
+    """llama.cpp's fallback when a row is not a whole number of a k-quant's 256-value blocks."""
+    from stages.mixes import expert_type
+    assert expert_type("Q4_K_M", "gate", 5, 61, 7168) == "Q4_K"
+    assert expert_type("Q4_K_M", "gate", 5, 61, 7168 + 32) == "Q5_0"
+    assert expert_type("Q4_K_M", "down", 3, 61, 2048 + 32) == "Q8_0"          # Q6_K's fallback
+    assert expert_type("Q5_K_M", "up", 30, 61, 2048 + 32) == "Q5_1"
+    for mix, row in (("Q3_K_M", 2048 + 32), ("Q4_K_M", 2048 + 16)):
+        with pytest.raises(ValueError, match="pick another mix"):
+            expert_type(mix, "gate", 30, 61, row)
+
+
+def test_config_checked_alone_without_a_gguf(tmp_path):
+    """No GGUF to compare the config with: reconcile still refuses a config that cannot describe the model."""
+    import shutil
+    from stages.errors import PipelineError
+    from stages.reconcile import build_plan
+    for key, value, message in (("num_experts_per_tok", "4", 'num_experts_per_tok = "4", expected a positive'),
+                                ("num_experts_per_tok", 32, "num_experts_per_tok 32 > n_routed_experts 16"),
+                                ("model_type", "llama", "model_type 'llama', expected 'deepseek_v3'"),
+                                ("moe_intermediate_size", 512, "experts.0.gate_proj.weight has shape [256, 256], "
+                                                               "config says [512, 256]")):
+        fp8 = tmp_path / f"{key}-{value}"
+        shutil.copytree(FP8, fp8)
+        cfg = json.loads((fp8 / "config.json").read_text())
+        cfg[key] = value
+        (fp8 / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(PipelineError, match=re.escape(message)) as e:
+            build_plan(fp8, None, [], False, MIX)
+        assert str(fp8) in str(e.value)

@@ -207,10 +207,12 @@ def run(ctx: Context) -> Result:
                 (ctx.out / WORK_DIR / f"{t['name']}.log").unlink(missing_ok=True)
             todo.append((t, spec))
     need = sum(t["shape"][0] for t, _ in todo)
+    shards = max(0, plan["total_bytes"] - sum(p.stat().st_size for p in ctx.out.glob("model-*.safetensors")))
     free = shutil.disk_usage(ctx.out).free
-    if need > free:
-        raise PipelineError(f"{ctx.out}: not enough disk space: the quantized experts need {need / 1e9:.1f} GB, "
-                            f"{free / 1e9:.1f} GB free; nothing was written")
+    if need + shards > free:                         # say so now, not after hours of quantizing
+        raise PipelineError(f"{ctx.out}: not enough disk space: the quantized experts need {need / 1e9:.1f} GB and "
+                            f"then the merged shards {shards / 1e9:.1f} GB, {free / 1e9:.1f} GB free; nothing was "
+                            "written")
     n_workers = workers_option(ctx)
     root = plan["sources"]["fp8"]
     works = []

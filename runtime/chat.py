@@ -253,7 +253,7 @@ def _emit(piece: str) -> None:
 def main(folder, device, act_terms, threads, max_new_tokens, temperature, top_p, seed, system, prompt,
          allow_unverified, ctx, gpu_memory):
     """Chat with a merged DeepSeek-V3 model (interactive; /exit, /reset; Ctrl-C stops a reply)."""
-    model = load_model(folder, device, threads, ctx, allow_unverified, act_terms, gpu_memory)
+    model = load_model(folder, device, threads, ctx, allow_unverified, act_terms, gpu_memory=gpu_memory)
     defaults = _generation_defaults(folder)
     temperature = defaults.get("temperature", 1.0) if temperature is None else temperature
     top_p = defaults.get("top_p", 1.0) if top_p is None else top_p

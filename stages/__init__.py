@@ -1,4 +1,4 @@
-"""The pipeline's stages, in DAG order: fetch -> reconcile -> write -> verify."""
-from . import fetch, reconcile, verify, write
+"""The pipeline's stages, in DAG order: fetch -> reconcile -> quantize -> write -> verify."""
+from . import fetch, quantize, reconcile, verify, write
 
-STAGES = [fetch.STAGE, reconcile.STAGE, write.STAGE, verify.STAGE]
+STAGES = [fetch.STAGE, reconcile.STAGE, quantize.STAGE, write.STAGE, verify.STAGE]

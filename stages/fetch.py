@@ -198,7 +198,7 @@ def locate(ctx: Context, src: Source) -> tuple[Path, list[str]]:
 def fingerprint(ctx: Context) -> dict:
     fp = {}
     for src in (ctx.manifest.fp8, ctx.manifest.gguf):
-        if src.repo:
+        if src.repo or src.quantize:
             fp[f"sources.{src.kind}"] = src.raw        # a pinned revision pins the content
         else:
             root, names = locate(ctx, src)
@@ -212,6 +212,9 @@ def run(ctx: Context) -> Result:
     cache = read_json(cache_path) if cache_path.exists() else {}
     result, kept = {}, {}
     for src in (ctx.manifest.fp8, ctx.manifest.gguf):
+        if src.quantize:                             # no GGUF: the quantize stage makes the experts
+            result[src.kind] = {"root": None, "revision": None, "quantize": src.quantize, "files": {}, "order": []}
+            continue
         if src.repo:
             snapshot, commit = download(src)
             local = Source(kind=src.kind, local=snapshot, include=src.include)
@@ -235,9 +238,10 @@ def run(ctx: Context) -> Result:
     write_json(cache_path, kept, ctx.out)
     write_json(ctx.out / RESULT, result, ctx.out)
     n_bytes = sum(f["size"] for s in result.values() for f in s["files"].values())
+    experts = (f"experts to quantize to {ctx.manifest.gguf.quantize}" if ctx.manifest.gguf.quantize else
+               f"{len(result['gguf']['files'])} GGUF files")
     return Result(result=RESULT, outputs=[RESULT],
-                  summary=f"{len(result['fp8']['files'])} checkpoint files + {len(result['gguf']['files'])} GGUF "
-                          f"files, {n_bytes / 1e9:.2f} GB")
+                  summary=f"{len(result['fp8']['files'])} checkpoint files + {experts}, {n_bytes / 1e9:.2f} GB")
 
 
 STAGE = Stage("fetch", needs=(), inputs="manifest sources (local folders or hub repos)",

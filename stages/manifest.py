@@ -12,10 +12,11 @@ from pathlib import Path
 import yaml
 
 from .errors import PipelineError
+from .mixes import MIXES
 
 SOURCE_KINDS = ("fp8", "gguf")
 TOP_KEYS = {"name": str, "sources": dict, "output": str, "keep_mtp": bool, "stages": dict}
-SOURCE_KEYS = {"local": str, "repo": str, "revision": str, "include": str, "file": str}
+SOURCE_KEYS = {"local": str, "repo": str, "revision": str, "include": str, "file": str, "quantize": str}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Source:
     repo: str | None = None        # a hub repo id
     revision: str = "main"
     include: str | None = None     # hub glob (gguf: the quant folder) or local file pattern
+    quantize: str | None = None    # gguf only: make the experts here with this llama.cpp mix instead of reading a GGUF
     raw: dict = field(default_factory=dict)   # the manifest section as written, for fingerprints
 
 
@@ -110,8 +112,19 @@ def load_manifest(path: Path, known_stages: dict[str, dict[str, Option]] | None 
                 raise bad(f"sources.{kind}.{k}", f"is unknown (known keys: {', '.join(SOURCE_KEYS)})")
             if not isinstance(v, str):
                 raise bad(f"sources.{kind}.{k}", f"must be a string, not {type(v).__name__}")
+        if "quantize" in sec:
+            if kind != "gguf":
+                raise bad(f"sources.{kind}.quantize", "is only for sources.gguf (the routed experts)")
+            if sec["quantize"] not in MIXES:
+                raise bad("sources.gguf.quantize", f"is '{sec['quantize']}', not a mix made without an importance "
+                                                   f"matrix (one of {', '.join(MIXES)})")
+            if len(sec) > 1:
+                raise bad("sources.gguf", "takes either 'quantize' alone or a GGUF source ('local' or 'repo')")
+            parsed[kind] = Source(kind=kind, quantize=sec["quantize"], raw=dict(sec))
+            continue
         if ("local" in sec) == ("repo" in sec):
-            raise bad(f"sources.{kind}", "needs exactly one of 'local' or 'repo'")
+            raise bad(f"sources.{kind}", "needs exactly one of 'local' or 'repo'"
+                      + (" (or, for gguf, 'quantize: Q4_K_M')" if kind == "gguf" else ""))
         local = _resolve(path, sec["local"]) if "local" in sec else None
         parsed[kind] = Source(kind=kind, local=local, repo=sec.get("repo"), revision=sec.get("revision", "main"),
                               include=sec.get("include") or sec.get("file"), raw=dict(sec))

@@ -14,6 +14,7 @@ from .dag import Context, Result, Stage
 from .errors import PipelineError
 from .formats import TensorRef, read_gguf, read_hf_checkpoint
 from .fsio import write_json
+from .mixes import expert_type
 from .names import (EXPERT_NAMES, HF_TO_GGUF_SUFFIX, LAYOUT_KV_B, LAYOUT_SPLIT_KB, config_problems, expected_weights,
                     mtp_layers)
 
@@ -94,6 +95,21 @@ def check_config(cfg: dict, meta: dict, cfg_path: str, gguf_path: str) -> list[s
     return problems
 
 
+def check_config_alone(cfg: dict, cfg_path: str) -> list[str]:
+    """With no GGUF to compare against (gguf: {quantize:}): the config must at least describe a DeepSeek-V3.
+    Missing keys and wrong value types are names.config_problems' (checked before this)."""
+    if cfg.get("model_type") not in ("deepseek_v3",):
+        return [f"{cfg_path}: model_type '{cfg.get('model_type')}', expected 'deepseek_v3'"]
+    problems = []
+    if cfg["num_experts_per_tok"] > cfg["n_routed_experts"]:
+        problems.append(f"{cfg_path}: num_experts_per_tok {cfg['num_experts_per_tok']} > n_routed_experts "
+                        f"{cfg['n_routed_experts']}")
+    if cfg.get("first_k_dense_replace", 0) > cfg["num_hidden_layers"]:
+        problems.append(f"{cfg_path}: first_k_dense_replace {cfg['first_k_dense_replace']} > num_hidden_layers "
+                        f"{cfg['num_hidden_layers']}")
+    return problems
+
+
 def check_fp8(name: str, shape: tuple, linear: bool, hf: dict[str, TensorRef], problems: list[str]) -> None:
     ref = hf.get(name)
     if ref is None:
@@ -131,20 +147,25 @@ def fp8_entries(out: str, hf_names: list[str], hf: dict[str, TensorRef], roots: 
     return entries
 
 
-def build_plan(fp8_root: Path, gguf_root: Path, gguf_names: list[str], keep_mtp: bool) -> dict:
+def build_plan(fp8_root: Path, gguf_root: Path | None, gguf_names: list[str], keep_mtp: bool,
+               quantize: str | None = None) -> dict:
+    """The plan; with `quantize` (a mix, stages/mixes.py) there is no GGUF: routed experts are made by the quantize
+    stage, with llama.cpp's types for that mix, and checked against the config only."""
     cfg_path = fp8_root / "config.json"
     cfg, hf = read_hf_checkpoint(fp8_root)
     problems = config_problems(cfg, str(cfg_path))
     if problems:
         raise PipelineError("\n".join(problems))
-    gg = read_gguf([gguf_root / n for n in gguf_names])
-    problems = check_config(cfg, gg.meta, str(cfg_path), str(gg.files[0]))
+    gg = None if quantize else read_gguf([gguf_root / n for n in gguf_names])
+    problems = check_config_alone(cfg, str(cfg_path)) if quantize else \
+        check_config(cfg, gg.meta, str(cfg_path), str(gg.files[0]))
     if problems:
         raise PipelineError("\n".join(problems))
-    layout = gguf_layout(gg.meta)
+    layout = gguf_layout(gg.meta) if gg else LAYOUT_KV_B      # no GGUF: no twins, any layout names them
     weights = expected_weights(cfg, layout)
     roots = {"fp8": fp8_root, "gguf": gguf_root}
-    gfile = {n: t.file for n, t in gg.tensors.items()}
+    gfile = {n: t.file for n, t in gg.tensors.items()} if gg else {}
+    quant_types = {}
 
     for w in weights:
         if w.source == "fp8":
@@ -152,7 +173,9 @@ def build_plan(fp8_root: Path, gguf_root: Path, gguf_names: list[str], keep_mtp:
         else:
             for n in w.hf:
                 check_fp8(n, w.shape[1:], True, hf, problems)
-        for gname, gshape in w.gguf.items():
+            if quantize:
+                quant_types[w.out] = quantized_type(w, quantize, cfg, hf, problems)
+        for gname, gshape in (w.gguf.items() if gg else ()):
             t = gg.tensors.get(gname)
             if t is None:
                 problems.append(f"GGUF: tensor {gname} is missing (twin of {w.hf[0]})")
@@ -167,7 +190,7 @@ def build_plan(fp8_root: Path, gguf_root: Path, gguf_names: list[str], keep_mtp:
     mtp_prefixes = tuple(f"model.layers.{i}." for i in mtp_layers(cfg))
     extra_hf = sorted(n for n in hf if n not in used_hf and not n.startswith(mtp_prefixes))
     used_gg = {g for w in weights for g in w.gguf}
-    extra_gg = sorted(n for n in gg.tensors if n not in used_gg)
+    extra_gg = sorted(n for n in gg.tensors if n not in used_gg) if gg else []
     problems += [f"checkpoint: unexpected tensor {n} (not part of DeepSeek-V3 per config.json)" for n in extra_hf[:5]]
     problems += [f"GGUF: unexpected tensor {n} (not part of DeepSeek-V3 per its metadata)" for n in extra_gg[:5]]
     if problems:
@@ -176,8 +199,11 @@ def build_plan(fp8_root: Path, gguf_root: Path, gguf_names: list[str], keep_mtp:
 
     tensors = []
     for w in weights:
-        common = {"layer": w.layer, "logical_shape": list(w.shape), "twins": {g: list(s) for g, s in w.gguf.items()}}
-        if w.source == "gguf":
+        common = {"layer": w.layer, "logical_shape": list(w.shape),
+                  "twins": {g: list(s) for g, s in w.gguf.items()} if gg else {}}
+        if w.source == "gguf" and quantize:
+            tensors += quantized_entries(w, quant_types[w.out], hf, roots, common)
+        elif w.source == "gguf":
             t = gg.tensors[w.out]
             tensors.append(plan_entry(w.out, "U8", [t.length], [t], "gguf", roots, ggml_type=t.dtype,
                                       ggml_type_id=t.ggml_type, fp8_names=w.hf, **common))
@@ -203,8 +229,9 @@ def build_plan(fp8_root: Path, gguf_root: Path, gguf_names: list[str], keep_mtp:
     for t in tensors:
         shards[shard_of(t["layer"])].append(t["name"])
     return {
-        "format": "dsv3-merge-plan", "version": 1, "model_type": cfg.get("model_type"), "gguf_layout": layout,
-        "sources": {"fp8": str(fp8_root), "gguf": str(gguf_root)},
+        "format": "dsv3-merge-plan", "version": 1, "model_type": cfg.get("model_type"),
+        "gguf_layout": None if quantize else layout, "quantize": quantize,
+        "sources": {"fp8": str(fp8_root), "gguf": str(gguf_root) if gguf_root else None},
         "gguf_files": gguf_names,
         "config": {k: cfg[k] for k in CONFIG_KEYS + ["first_k_dense_replace"]},
         "shards": [{"file": f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors", "tensors": names}
@@ -214,6 +241,37 @@ def build_plan(fp8_root: Path, gguf_root: Path, gguf_names: list[str], keep_mtp:
         "total_bytes": sum(s[2] for t in tensors for s in t.get("segments", [])) + 8 * sum(
             1 for t in tensors if t["side"] == "value"),
     }
+
+
+def quantized_type(w, mix: str, cfg: dict, hf: dict[str, TensorRef], problems: list[str]) -> str | None:
+    """The GGML type llama-quantize gives these routed experts under `mix`; None (with a problem) if it cannot."""
+    bad = [n for n in w.hf if n in hf and hf[n].dtype not in ("F8_E4M3", "BF16")]
+    if bad:
+        problems.append(f"{hf[bad[0]].file}: tensor {bad[0]} is {hf[bad[0]].dtype}; quantize takes F8_E4M3 or BF16")
+    proj = w.out.split(".")[2].removeprefix("ffn_").removesuffix("_exps")
+    try:
+        return expert_type(mix, proj, w.layer, cfg["num_hidden_layers"], w.shape[-1])
+    except ValueError as e:
+        problems.append(f"sources.gguf.quantize {mix}: {w.out}: {e}")
+        return None
+
+
+def quantized_entries(w, type_name: str, hf: dict[str, TensorRef], roots: dict, common: dict) -> list[dict]:
+    """A routed-expert tensor the quantize stage makes: its one segment is that stage's output file."""
+    qtype = ggml_types.get(type_name)
+    nbytes = qtype.nbytes(w.shape)
+    root = roots["fp8"]
+    experts = []
+    for n in w.hf:
+        ref, scale = hf[n], hf.get(n + "_scale_inv")
+        experts.append({"dtype": ref.dtype, "weight": [str(ref.file.relative_to(root)), ref.offset, ref.length],
+                        "scale": [str(scale.file.relative_to(root)), scale.offset, scale.length]
+                        if ref.dtype == "F8_E4M3" else None})
+    return [{"name": w.out, "dtype": "U8", "shape": [nbytes], "side": "quantized", "source_names": w.hf,
+             "segments": [[f"{w.out}.ggml", 0, nbytes]], "ggml_type": type_name, "ggml_type_id": qtype.id,
+             "fp8_names": w.hf, "experts": experts, **common},
+            {"name": w.out.removesuffix(".weight") + ".ggml_type", "dtype": "I64", "shape": [], "side": "value",
+             "value": qtype.id, "layer": w.layer}]
 
 
 def mtp_entries(i: int, names: list[str], hf: dict[str, TensorRef], roots: dict) -> list[dict]:
@@ -243,15 +301,17 @@ def fingerprint(ctx: Context) -> dict:
 
 def run(ctx: Context) -> Result:
     sources = ctx.result("fetch")
-    plan = build_plan(Path(sources["fp8"]["root"]), Path(sources["gguf"]["root"]), sources["gguf"]["order"],
-                      ctx.keep_mtp)
+    quantize = sources["gguf"].get("quantize")
+    plan = build_plan(Path(sources["fp8"]["root"]), None if quantize else Path(sources["gguf"]["root"]),
+                      sources["gguf"]["order"], ctx.keep_mtp, quantize)
     plan["source_files"] = {side: sources[side]["files"] for side in ("fp8", "gguf")}
     plan["revisions"] = {side: sources[side].get("revision") for side in ("fp8", "gguf")}
     write_json(ctx.out / RESULT, plan, ctx.out)
-    n_g = sum(1 for t in plan["tensors"].values() if t["side"] == "gguf")
+    n_g = sum(1 for t in plan["tensors"].values() if t["side"] in ("gguf", "quantized"))
+    experts = f"{n_g} to quantize to {quantize}" if quantize else f"{n_g} from GGUF, layout {plan['gguf_layout']}"
     return Result(result=RESULT, outputs=[RESULT],
-                  summary=f"{len(plan['tensors'])} tensors in {len(plan['shards'])} shards ({n_g} from GGUF, "
-                          f"layout {plan['gguf_layout']}), {plan['total_bytes'] / 1e9:.2f} GB to write")
+                  summary=f"{len(plan['tensors'])} tensors in {len(plan['shards'])} shards ({experts}), "
+                          f"{plan['total_bytes'] / 1e9:.2f} GB to write")
 
 
 STAGE = Stage("reconcile", needs=("fetch",), inputs="sources.json; checkpoint headers; GGUF tensor tables; keep_mtp",

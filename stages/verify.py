@@ -32,7 +32,9 @@ from .dequant import dequantize_fp8_block, dequantize_ggml
 from .errors import PipelineError
 from .formats import read_gguf, read_hf_checkpoint, read_safetensors_header
 from .fsio import CHUNK, HASH_NAME, hash_file, inside, read_json, state_dir, write_json
-from .names import expected_weights
+from .mixes import expert_type
+from .names import LAYOUT_KV_B, expected_weights
+from .quantize import DONE_DIR as QUANTIZED_DIR, RESULT as QUANTIZED_RESULT
 from .reconcile import gguf_layout
 from .ui import byte_progress, console
 
@@ -178,10 +180,22 @@ def as_2d(shape) -> tuple[int, int]:
 
 
 def file_identities(out: Path, manifest: dict, sources: dict) -> dict[str, str]:
-    """What each file a task may read is, now: a source file by its content hash (fetch's), a merged shard by its
-    name, size and mtime (a shard written again since is checked again, not taken from an earlier run's log)."""
+    """What each file a task may read is, now: a source file by its content hash (fetch's), an expert file the
+    quantize stage made by its content hash while it is the file that stage recorded (same size and mtime), a merged
+    shard by its name, size and mtime (a shard written again since is checked again, not taken from an earlier
+    run's log)."""
     ids = {str(Path(side["root"]) / rel): "source:" + f["hash"] for side in sources.values()
            for rel, f in side["files"].items()}
+    made = read_json(out / QUANTIZED_RESULT).get("files", {}) if sources["gguf"].get("quantize") and \
+        (out / QUANTIZED_RESULT).is_file() else {}
+    for rel, f in made.items():
+        path = out / QUANTIZED_DIR / rel
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_size, st.st_mtime_ns) == (f["size"], f["mtime_ns"]):
+            ids[str(path)] = "quantized:" + f["hash"]
     for s in manifest["shards"]:
         try:
             st = os.stat(out / s["file"])
@@ -216,11 +230,14 @@ def _stat_id(path: str) -> str:
 
 
 def build_tasks(out: Path, manifest: dict, sources: dict, broken: set[str] = frozenset()) -> tuple[list[dict], dict]:
-    """Integrity and parity tasks for every tensor whose shard is whole (`broken`: shards that failed their check)."""
+    """Integrity and parity tasks for every tensor whose shard is whole (`broken`: shards that failed their check).
+    Under gguf: {quantize: MIX} the experts were made here and there is no GGUF: FP8 tensors get integrity only and
+    the experts' parity is against the checkpoint they were made from."""
     fp8_root = Path(sources["fp8"]["root"])
     cfg, hf = read_hf_checkpoint(fp8_root)
-    gg = read_gguf([Path(sources["gguf"]["root"]) / n for n in sources["gguf"]["order"]])
-    weights = {w.out: w for w in expected_weights(cfg, gguf_layout(gg.meta))}
+    mix = sources["gguf"].get("quantize")
+    gg = None if mix else read_gguf([Path(sources["gguf"]["root"]) / n for n in sources["gguf"]["order"]])
+    weights = {w.out: w for w in expected_weights(cfg, gguf_layout(gg.meta) if gg else LAYOUT_KV_B)}
     files = file_identities(out, manifest, sources)
     tensors = manifest["tensors"]
     tasks, info = [], {}
@@ -232,9 +249,18 @@ def build_tasks(out: Path, manifest: dict, sources: dict, broken: set[str] = fro
         src = e["source"]
         integrity = {"kind": "integrity", "name": name, "merged": [shard, *e["offsets"]],
                      "expect": e[HASH_NAME], "bytes": e["offsets"][1] - e["offsets"][0]}
-        if src["side"] == "value":
+        if src["side"] == "value" and mix:           # the type llama.cpp's mix gives these experts
+            w = weights[name.removesuffix(".ggml_type") + ".weight"]
+            proj = name.split(".")[2].removeprefix("ffn_").removesuffix("_exps")
+            integrity["value"] = ggml_types.get(expert_type(mix, proj, w.layer, cfg["num_hidden_layers"],
+                                                            w.shape[-1])).id
+        elif src["side"] == "value":
             sibling = tensors[name.removesuffix(".ggml_type") + ".weight"]["source"]["name"]
             integrity["value"] = gg.tensors[sibling].ggml_type
+        elif src["side"] == "quantized":             # the quantize stage's file when kept, else a hash check only
+            made = out / QUANTIZED_DIR / f"{name}.ggml"
+            integrity["segments"] = [[str(made), 0, integrity["bytes"]]] if made.exists() else \
+                [[shard, *e["offsets"][:1], integrity["bytes"]]]
         else:
             table = hf if src["side"] == "fp8" else gg.tensors
             names = src["name"] if isinstance(src["name"], list) else [src["name"]]
@@ -247,8 +273,8 @@ def build_tasks(out: Path, manifest: dict, sources: dict, broken: set[str] = fro
         tasks.append(integrity)
 
         w = weights.get(name)
-        if w is None:                    # scales, .ggml_type, MTP: integrity only (a scale's parity is its weight's)
-            info[name] = {"twin": None}
+        if w is None or (gg is None and w.source != "gguf"):   # scales, .ggml_type, MTP, FP8 without a GGUF:
+            info[name] = {"twin": None}                         # integrity only (a scale's parity is its weight's)
             continue
         rows, cols = as_2d(w.shape)
         if w.source == "gguf":           # routed experts: merged GGML bytes vs the checkpoint's FP8 experts
@@ -259,7 +285,7 @@ def build_tasks(out: Path, manifest: dict, sources: dict, broken: set[str] = fro
                               (str(hf[n + "_scale_inv"].file), hf[n + "_scale_inv"].offset) if
                               n + "_scale_inv" in hf else None, per, cols) for n in w.hf]
             twin = {"fmt": "stack", "parts": parts, "part_rows": per, "rows": rows, "cols": cols}
-            group, unit, kind, fp8_side = per, per, e["ggml_type"], True
+            group, unit, kind, fp8_side = per, per, e["ggml_type"], src["side"] != "quantized"   # quantized from it
             info[name] = {"twin": f"checkpoint {w.hf[0].replace('.0.', '.E.', 1)} (E = 0..{len(w.hf) - 1})",
                           "experts": len(w.hf)}
         else:                            # checkpoint tensor vs its GGUF twin(s)

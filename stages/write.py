@@ -18,6 +18,7 @@ import xxhash
 from .dag import Context, Option, Result, Stage, digest
 from .errors import PipelineError
 from .fsio import CHUNK, HASH_NAME, atomic_file, disk_error, hash_file, read_json, state_dir, write_json
+from .quantize import DONE_DIR as QUANTIZED_DIR
 from .ui import byte_progress
 
 VERSION = 1                                 # of a shard's bytes: a change rewrites every shard
@@ -161,6 +162,10 @@ def manifest_entry(name: str, t: dict, where: dict, shard: str, plan: dict) -> d
         e["ggml_type"], e["ggml_type_id"] = t["ggml_type"], t["ggml_type_id"]
     if t["side"] == "value":
         e["source"] = {"side": "value", "value": t["value"]}
+    elif t["side"] == "quantized":           # made here by the quantize stage from these checkpoint tensors
+        files = sorted({x["weight"][0] for x in t["experts"]})
+        e["source"] = {"side": "quantized", "mix": plan["quantize"], "file": files[0] if len(files) == 1 else files,
+                       "name": t["source_names"], "revision": plan["revisions"]["fp8"]}
     else:
         files = sorted({s[0] for s in t["segments"]})
         e["source"] = {"side": t["side"], "file": files[0] if len(files) == 1 else files,
@@ -172,6 +177,9 @@ def manifest_entry(name: str, t: dict, where: dict, shard: str, plan: dict) -> d
 
 def run(ctx: Context) -> Result:
     plan = ctx.result("reconcile")
+    quantized = ctx.result("quantize")                # routed experts made here, under gguf: {quantize:}: a source
+    plan["sources"]["quantized"] = str(ctx.out / QUANTIZED_DIR)
+    plan["source_files"]["quantized"] = quantized["files"]
     records_dir = state_dir(ctx.out) / "write"
     records_dir.mkdir(exist_ok=True)
     todo, records, recheck = [], {}, []
@@ -231,6 +239,10 @@ def run(ctx: Context) -> Result:
         "gguf_layout": plan["gguf_layout"],
         "sources": {side: {"path": plan["sources"][side], "revision": plan["revisions"][side]}
                     for side in ("fp8", "gguf")},
+        **({"quantized": {k: quantized[k] for k in ("mix", "ggml", "ggml_python")} | {
+            "from": "fp8", "imatrix": None,
+            "method": "FP8 x tile scale in float32, rounded to BF16 (nearest even), ggml_quantize_chunk"}}
+           if plan.get("quantize") else {}),
         "shards": [{"file": s["file"], "size": records[s["file"]]["size"], "tensors": len(s["tensors"])}
                    for s in plan["shards"]],
         "tensors": {n: manifest_entry(n, plan["tensors"][n], records[shard_of[n]]["tensors"][n], shard_of[n], plan)
@@ -271,7 +283,7 @@ def fingerprint(ctx: Context) -> dict:
     return {}
 
 
-STAGE = Stage("write", needs=("reconcile",), inputs="plan.json; the source bytes it names",
+STAGE = Stage("write", needs=("reconcile", "quantize"), inputs="plan.json; the source bytes it names",
               outputs="model-*-of-*.safetensors, model.safetensors.index.json, manifest.json, config + tokenizer",
               version=STAGE_VERSION, fingerprint=fingerprint, run=run, options={"bwlimit": Option(float, above=0)})
 

@@ -414,9 +414,11 @@ def test_symlink_loop_is_named(tmp_path):
     (GOOD.replace("name: bad-input-test", "name: ../../evil"), ["'name'", "plain folder name"]),
     (GOOD + "stages:\n  verify: {workers: -2}\n", ["stages.verify.workers", "at least 1"]),
     (GOOD + "stages:\n  verify: {workers: 0}\n", ["stages.verify.workers", "at least 1"]),
+    (GOOD + "stages:\n  quantize: {workers: 0}\n", ["stages.quantize.workers", "at least 1"]),
     (GOOD + "stages:\n  write: {bwlimit: 0}\n", ["stages.write.bwlimit", "greater than 0"]),
     (GOOD + "stages:\n  write: {bwlimit: -5}\n", ["stages.write.bwlimit", "greater than 0"]),
-], ids=["no_such_user", "name_escapes", "workers_negative", "workers_zero", "bwlimit_zero", "bwlimit_negative"])
+], ids=["no_such_user", "name_escapes", "workers_negative", "workers_zero", "quantize_workers_zero", "bwlimit_zero",
+        "bwlimit_negative"])
 def test_manifest_setting_error(tmp_path, text, needles):
     copy_fixture(tmp_path)
     manifest = write_manifest(tmp_path, text=text)

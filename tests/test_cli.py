@@ -13,8 +13,8 @@ def test_help_on_every_command():
 
 def test_stages_lists_the_dag():
     rows = json.loads(pipeline("stages", "--json").stdout)
-    assert [r["stage"] for r in rows] == ["fetch", "reconcile", "write", "verify"]
-    assert [r["needs"] for r in rows] == [[], ["fetch"], ["reconcile"], ["fetch", "write"]]
+    assert [r["stage"] for r in rows] == ["fetch", "reconcile", "quantize", "write", "verify"]
+    assert [r["needs"] for r in rows] == [[], ["fetch"], ["reconcile"], ["reconcile", "quantize"], ["fetch", "write"]]
     table = pipeline("stages").stderr
     assert all(name in table for name in ("fetch", "reconcile", "write", "plan.json"))
 
@@ -35,7 +35,7 @@ def test_status_pending_then_done_then_only_and_from(tmp_path):
     assert table.count("done") >= 4 and "shards" in table and "PASS" in table
 
     events = json.loads(pipeline("run", "--manifest", m, "--out", out, "--from", "reconcile", "--json").stdout)
-    assert [e["action"] for e in events["stages"]] == ["skipped", "ran", "ran", "ran"]
+    assert [e["action"] for e in events["stages"]] == ["skipped", "ran", "ran", "ran", "ran"]
     events = json.loads(pipeline("run", "--manifest", m, "--out", out, "--only", "reconcile", "--json").stdout)
     assert [e["action"] for e in events["stages"]] == ["skipped"]
     events = json.loads(pipeline("run", "--manifest", m, "--out", out, "--only", "reconcile", "--force",
@@ -54,6 +54,6 @@ def test_relative_paths_resolve_against_the_manifest_folder(tmp_path):
 
 
 def test_shipped_manifests_parse():
-    for name in ("tiny-deepseek-v3", "deepseek-v3", "deepseek-r1"):
+    for name in ("tiny-deepseek-v3", "deepseek-v3", "deepseek-r1", "deepseek-v3-quantize"):
         p = pipeline("status", "--manifest", ROOT / "manifests" / f"{name}.yaml", "--out", "/nonexistent/x", "--json")
-        assert [r["state"] for r in json.loads(p.stdout)["stages"]] == ["pending"] * 4
+        assert [r["state"] for r in json.loads(p.stdout)["stages"]] == ["pending"] * 5

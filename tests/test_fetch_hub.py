@@ -28,7 +28,7 @@ TOKEN = "hf_fakehub_test_token"
 QUANT = "DeepSeek-V3-Q4_K_M"
 ONE_SHARD = "model-00001-of-00001.safetensors"
 RUN_TIMEOUT = 60                                         # seconds, per pipeline run
-MERGE_STAGES = ("fetch", "reconcile", "write")           # the stages that make model-*.safetensors
+MERGE_STAGES = ("fetch", "reconcile", "quantize", "write")           # the stages that make model-*.safetensors
 HF_CHUNK = 10 * 1024 * 1024                              # huggingface_hub 2.4.0's DOWNLOAD_CHUNK_SIZE
 
 # Files of the hub repos that the fetch stage must never ask for.

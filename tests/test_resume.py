@@ -34,7 +34,7 @@ def wait_for(cond, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-STAGES = ["fetch", "reconcile", "write", "verify"]
+STAGES = ["fetch", "reconcile", "quantize", "write", "verify"]
 
 
 def actions(p) -> dict:
@@ -67,13 +67,13 @@ def test_changed_input_makes_downstream_stale(tmp_path, sources):
     st = status(m, out)
     assert st["fetch"]["state"] == "stale" and "sources.fp8 changed" in st["fetch"]["why"]
     assert actions(pipeline("run", "--manifest", m, "--out", out, "--json")) == {
-        "fetch": "ran", "reconcile": "skipped", "write": "skipped", "verify": "skipped"}
+        "fetch": "ran", "reconcile": "skipped", "quantize": "skipped", "write": "skipped", "verify": "skipped"}
 
     gen = sources / "hf-fp8" / "generation_config.json"
     gen.write_text(gen.read_text().replace("0.6", "0.7"))      # new content: everything downstream reruns
     p = pipeline("run", "--manifest", m, "--out", out, "--json")
     assert actions(p) == dict.fromkeys(STAGES, "ran")     # verify too: write rewrote manifest.json, unverified
-    assert "0 written, 5 kept" in json.loads(p.stdout)["stages"][2]["summary"]     # no shard depends on it
+    assert "0 written, 5 kept" in json.loads(p.stdout)["stages"][3]["summary"]     # no shard depends on it
     assert (out / "generation_config.json").read_text() == gen.read_text()
 
     shard = sorted(out.glob("model-0000*.safetensors"))[2]
@@ -81,10 +81,10 @@ def test_changed_input_makes_downstream_stale(tmp_path, sources):
     st = status(m, out)
     assert st["write"]["state"] == "stale" and f"{shard.name} is missing" in st["write"]["why"]
     p = pipeline("run", "--manifest", m, "--out", out, "--json")
-    assert "1 written, 4 kept" in json.loads(p.stdout)["stages"][2]["summary"]
+    assert "1 written, 4 kept" in json.loads(p.stdout)["stages"][3]["summary"]
 
     p = pipeline("run", "--manifest", m, "--out", out, "--json", "--keep-mtp")
-    assert actions(p) == {"fetch": "skipped", "reconcile": "ran", "write": "ran", "verify": "ran"}
+    assert actions(p) == {"fetch": "skipped", "reconcile": "ran", "quantize": "ran", "write": "ran", "verify": "ran"}
 
 
 def test_sigkill_mid_write_then_resume_is_byte_identical(tmp_path):
@@ -109,7 +109,7 @@ def test_sigkill_mid_write_then_resume_is_byte_identical(tmp_path):
     kept = {n: (out / n).stat().st_mtime_ns for n in finished}
 
     p = pipeline("run", "--manifest", m, "--out", out, "--json")
-    assert f"{5 - len(finished)} written, {len(finished)} kept" in json.loads(p.stdout)["stages"][2]["summary"]
+    assert f"{5 - len(finished)} written, {len(finished)} kept" in json.loads(p.stdout)["stages"][3]["summary"]
     assert kept == {n: (out / n).stat().st_mtime_ns for n in finished}
     assert final_files(out) == final_files(reference)
     assert not list(tmp.iterdir())

@@ -586,7 +586,7 @@ def test_copied_folder_verifies_clean_and_is_kept(clean, tmp_path):
     assert set(states(m).values()) == {"done"}, states(m)
     res = cli("run", "--manifest", m.manifest, "--out", m.out, "--json")
     assert {e["stage"]: e["action"] for e in json.loads(res.stdout)["stages"]} == dict.fromkeys(
-        ("fetch", "reconcile", "write", "verify"), "skipped"), res.stderr
+        ("fetch", "reconcile", "quantize", "write", "verify"), "skipped"), res.stderr
 
 
 def test_run_on_a_copied_folder_writes_nothing_again(clean, tmp_path):

@@ -1,0 +1,389 @@
+"""runtime.serve for real: one server process on the tiny model (127.0.0.1, a free port, an API key), driven by the
+official `openai` client and raw HTTP; and the reply parser on the real tokenizer's tokens.
+
+The server runs with tests/data/deepseek-v3-chat.jinja (DeepSeek-V3's markup with tool definitions and R1's
+<think> opening; for plain conversations it renders exactly what the tiny model's own template does), 4 slots, a
+queue of 4 and a 64 KiB body limit. Every request asks for a handful of tokens.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from helpers import ROOT, pipeline
+from runtime.engine import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, TOOL_SEP, Detokenizer, StopStrings,
+                            parse_tool_call)
+
+KEY = "test-key"
+TEMPLATE = ROOT / "tests" / "data" / "deepseek-v3-chat.jinja"
+PROMPTS = ["What is a page fault?", "Explain TCP slow start.", "How does paging work?", "What is a socket?",
+           "Why do caches have lines?", "What does fork return?", "Define a mutex.", "What is DMA?"]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                             "parameters": {"type": "object",
+                                                            "properties": {"city": {"type": "string"}}}}}
+
+
+def http(url: str, data: bytes | None = None, key: str | None = KEY) -> tuple[int, dict | str]:
+    """One raw request (urllib): (status, parsed JSON body or text)."""
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    pipeline("run", "--out", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_cli(merged):
+    """`runtime.chat --temperature 0` on PROMPTS[0], started beside the server (both mostly import time)."""
+    p = subprocess.Popen([sys.executable, "-m", "runtime.chat", "--model", str(merged), "--prompt", PROMPTS[0],
+                          "--temperature", "0", "--max-new-tokens", "12"], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    yield p
+    if p.poll() is None:
+        p.kill()
+    p.communicate()
+
+
+@pytest.fixture(scope="module")
+def server(merged, chat_cli):
+    port = _free_port()
+    p = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(merged), "--port", str(port),
+                          "--api-key", KEY, "--ctx", "512", "--max-batch", "4", "--max-queue", "4",
+                          "--max-body", "65536", "--chat-template", str(TEMPLATE), "--device", "cpu"],
+                         cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if p.poll() is not None:
+            raise AssertionError(f"server exited {p.returncode}: {p.stderr.read()}")
+        try:
+            if http(url + "/health", key=None)[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        p.kill()
+        raise AssertionError("server did not come up in 180 s")
+    yield url
+    p.terminate()
+    try:
+        _, err = p.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+    assert "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tok(merged):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(merged))
+
+
+def metrics(server) -> dict[str, float]:
+    status, text = http(server + "/metrics")
+    assert status == 200
+    return {k: float(v) for k, v in (line.split() for line in text.splitlines() if not line.startswith("#"))}
+
+
+def ask(client, prompt: str, **kw):
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}], **kw)
+
+
+# -------------------------------------------------------------------------------------------------- end to end
+
+def test_health_models_and_the_key(server, client):
+    assert http(server + "/health", key=None) == (200, {"status": "ok"})               # no key needed
+    for key in (None, "wrong"):
+        status, body = http(server + "/v1/models", key=key)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_greedy_chat_equals_the_chat_command(client, chat_cli):
+    r = ask(client, PROMPTS[0], max_tokens=12, temperature=0)
+    out, err = chat_cli.communicate(timeout=300)
+    assert chat_cli.returncode == 0, err
+    assert r.choices[0].message.content + "\n" == out
+    assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+
+def test_chat_streamed_equals_not_streamed(client, tok):
+    plain = ask(client, PROMPTS[1], max_tokens=10, temperature=0)
+    chunks = list(ask(client, PROMPTS[1], max_tokens=10, temperature=0, stream=True,
+                      stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    want = tok.apply_chat_template([{"role": "user", "content": PROMPTS[1]}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert plain.usage.prompt_tokens == len(tok(want, add_special_tokens=False)["input_ids"])
+
+
+def test_completions_streamed_and_not(client, tok):
+    prompt = "The scheduler picks the next thread"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+    s = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in s) == r.choices[0].text
+    ids = tok(prompt)["input_ids"]
+    assert r.usage.prompt_tokens == len(ids if ids[0] == 0 else [0] + ids) and r.usage.completion_tokens == 8
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 8 and "".join(lp.tokens) == r.choices[0].text           # tiny BPE: whole characters
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 2 and abs(max(top.values()) - chosen) < 1e-5             # greedy: the best one
+    by_ids = client.completions.create(model="tiny", prompt=ids if ids[0] == 0 else [0] + ids, max_tokens=8,
+                                       temperature=0)
+    assert by_ids.choices[0].text == r.choices[0].text
+
+
+def test_chat_logprobs(client):
+    r = ask(client, PROMPTS[2], max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6
+    assert bytes(b for t in content for b in t.bytes).decode() == r.choices[0].message.content
+    for t in content:
+        tops = [x.logprob for x in t.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and abs(tops[0] - t.logprob) < 1e-5
+
+
+def test_stop_sequences(client):
+    full = ask(client, PROMPTS[3], max_tokens=16, temperature=0).choices[0].message.content
+    stop = full[6:9]
+    assert stop and full.find(stop) >= 6 - len(stop)
+    r = ask(client, PROMPTS[3], max_tokens=16, temperature=0, stop=[stop, "never-there"])
+    assert r.choices[0].message.content == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+    s = ask(client, PROMPTS[3], max_tokens=16, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in s) == full[:full.find(stop)]
+
+
+def test_seed_reproducibility(client):
+    a, b, c = (ask(client, PROMPTS[4], max_tokens=16, temperature=1.0, seed=s).choices[0].message.content
+               for s in (7, 7, 8))
+    assert a == b and a != c
+
+
+def test_concurrent_clients_equal_one_at_a_time(server, client):
+    alone = [ask(client, p, max_tokens=8, temperature=0).choices[0].message.content for p in PROMPTS]
+    before = metrics(server)
+    together: dict[int, str] = {}
+
+    def run(i):
+        together[i] = ask(client, PROMPTS[i], max_tokens=8, temperature=0, stream=i % 2 == 0)
+        if i % 2 == 0:
+            together[i] = "".join(c.choices[0].delta.content or "" for c in together[i])
+        else:
+            together[i] = together[i].choices[0].message.content
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert [together[i] for i in range(len(PROMPTS))] == alone
+    after = metrics(server)
+    steps = after["dsv3_decode_steps_total"] - before["dsv3_decode_steps_total"]
+    rows = after["dsv3_decode_rows_total"] - before["dsv3_decode_rows_total"]
+    assert rows > steps, (rows, steps)                     # sequences were decoded together
+
+
+def test_second_turn_hits_the_prefix_cache(server, client):
+    history = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a TLB?"}]
+    first = client.chat.completions.create(model="tiny", messages=history, max_tokens=6, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
+    before = metrics(server)["dsv3_prompt_cached_tokens_total"]
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And a page walk?"}]
+    second = client.chat.completions.create(model="tiny", messages=history, max_tokens=6, temperature=0)
+    hit = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= hit < second.usage.prompt_tokens
+    assert metrics(server)["dsv3_prompt_cached_tokens_total"] - before == hit
+
+
+def test_disconnect_mid_stream_frees_the_slot(server, client):
+    before = metrics(server)
+    stream = ask(client, PROMPTS[5], max_tokens=400, temperature=0, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        m = metrics(server)
+        if m["dsv3_requests_cancelled_total"] > before["dsv3_requests_cancelled_total"]:
+            break
+        time.sleep(0.2)
+    assert m["dsv3_requests_running"] == 0 and m["dsv3_requests_waiting"] == 0
+    assert m["dsv3_generated_tokens_total"] - before["dsv3_generated_tokens_total"] < 400
+
+
+def test_bad_requests_are_openai_errors(server, client):
+    user = [{"role": "user", "content": "Hi"}]
+
+    def post(data: bytes):
+        status, body = http(server + "/v1/chat/completions", data)
+        assert set(body) == {"error"} and body["error"]["message"], body
+        return status, body["error"]
+
+    for kw, param in (({"n": 2}, "n"), ({"temperature": 3}, "temperature"), ({"tool_choice": "required"},
+                                                                              "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=user, max_tokens=2, **kw)
+        assert e.value.status_code == 400 and e.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError, match="context"):
+        ask(client, "word " * 600, max_tokens=2)
+    status, err = post(json.dumps({"messages": [{"role": "user", "content": "caf\udc80"}]}).encode())
+    assert status == 400 and "surrogate" in err["message"]
+    status, err = post(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}')
+    assert status == 400 and "UTF-8" in err["message"]
+    status, err = post(json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode())
+    assert status == 400 and err["param"] == "messages[0]"
+    status, err = post(b"{not json")
+    assert status == 400
+    status, err = post(json.dumps({"messages": user, "pad": "x" * 70000}).encode())
+    assert status == 413 and err["code"] == "request_too_large"
+    assert ask(client, "Still fine?", max_tokens=2).usage.completion_tokens == 2     # the server goes on
+
+
+def test_full_queue_answers_429(server, client):
+    streams = [ask(client, p, max_tokens=300, temperature=0, stream=True) for p in PROMPTS]   # 4 run, 4 wait
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            ask(client, "One too many", max_tokens=2)
+        assert e.value.status_code == 429
+    finally:
+        for s in streams:
+            s.close()
+    deadline = time.time() + 30
+    while metrics(server)["dsv3_requests_running"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert metrics(server)["dsv3_requests_running"] == 0
+    assert ask(client, "Room again?", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_tool_call_round_trip_renders_the_markup(client, tok):
+    """The client's tool call and the tool's result go back through the chat template as DeepSeek-V3's markup:
+    the server's prompt is exactly that text (its token count, and a completion of the same tokens continues it
+    the same way)."""
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 18}'}]
+    r = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], max_tokens=6,
+                                       temperature=0)
+    params = json.dumps(WEATHER["function"]["parameters"])
+    want = ("<｜begin▁of▁sentence｜>## Tools\nYou have access to the following tools:\n\n### get_weather\n"
+            f"Description: Weather of a city\n\nParameters: {params}\n<｜User｜>Weather in Paris?<｜Assistant｜>"
+            f"{CALLS_BEGIN}{CALL_BEGIN}function{TOOL_SEP}get_weather\n```json\n{{\"city\": \"Paris\"}}\n```{CALL_END}"
+            f"{CALLS_END}<｜end▁of▁sentence｜><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>{{\"temp\": 18}}"
+            "<｜tool▁output▁end｜><｜tool▁outputs▁end｜>")
+    ids = tok(want, add_special_tokens=False)["input_ids"]
+    assert r.usage.prompt_tokens == len(ids)
+    same = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
+    assert r.choices[0].message.content == same.choices[0].text and not r.choices[0].message.tool_calls
+
+
+def test_reasoning_content_when_the_template_opens_think(client, tok):
+    """With `thinking`, the template opens the reply with <think>: what the model writes (no </think> from this
+    tiny model) is reasoning, in its own deltas; the same tokens as a plain completion give the same text."""
+    kw = dict(max_tokens=8, temperature=0, extra_body={"chat_template_kwargs": {"thinking": True}})
+    r = ask(client, PROMPTS[6], **kw)
+    reasoning = r.choices[0].message.model_extra["reasoning_content"]
+    ids = tok(f"<｜begin▁of▁sentence｜><｜User｜>{PROMPTS[6]}<｜Assistant｜><think>\n", add_special_tokens=False)
+    same = client.completions.create(model="tiny", prompt=ids["input_ids"], max_tokens=8, temperature=0)
+    assert "</think>" not in same.choices[0].text and reasoning == same.choices[0].text
+    assert not r.choices[0].message.content
+    chunks = list(ask(client, PROMPTS[6], stream=True, **kw))
+    deltas = [c.choices[0].delta.model_extra or {} for c in chunks if c.choices]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == reasoning
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+# ------------------------------------------------------------------------------------ the reply parser, offline
+
+def replay(tok, text: str, **kw):
+    """`text` as the model would write it (the tokenizer's tokens, one at a time) through the engine's
+    Detokenizer: (content, reasoning, tool calls, stopped)."""
+    d = Detokenizer(tok, set(tok.all_special_ids), **kw)
+    evs = [d.push(t) for t in tok(text, add_special_tokens=False)["input_ids"]] + [d.finish()]
+    return ("".join(e.content for e in evs), "".join(e.reasoning for e in evs),
+            [c for e in evs for c in e.tool_calls], d.stopped)
+
+
+def test_parser_reads_tool_calls_the_model_writes(tok):
+    calls = (f"{CALLS_BEGIN}{CALL_BEGIN}function{TOOL_SEP}get_weather\n```json\n{{\"city\": \"Paris\"}}\n```"
+             f"{CALL_END}\n{CALL_BEGIN}function{TOOL_SEP}get_time\n```json\n{{}}\n```{CALL_END}{CALLS_END}")
+    content, reasoning, got, _ = replay(tok, "Let me check. " + calls, chat=True, tools=True)
+    assert content == "Let me check. " and reasoning == ""
+    assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got] == [
+        ("function", "get_weather", {"city": "Paris"}), ("function", "get_time", {})]
+    assert len({c["id"] for c in got}) == 2
+    v31 = f"{CALLS_BEGIN}{CALL_BEGIN}get_time{TOOL_SEP}{{\"tz\": \"UTC\"}}{CALL_END}{CALLS_END}"   # DeepSeek-V3.1
+    assert [c["function"] for c in replay(tok, v31, chat=True, tools=True)[2]] == [
+        {"name": "get_time", "arguments": '{"tz": "UTC"}'}]
+    # without tools in the request, and for markup cut short, the text is content, whole
+    assert replay(tok, "Hi " + calls, chat=True, tools=False)[:3] == ("Hi " + calls, "", [])
+    cut = calls[:calls.index("Paris")]
+    assert replay(tok, "Hi " + cut, chat=True, tools=True)[:3] == ("Hi " + cut, "", [])
+
+
+def test_parser_splits_reasoning(tok):
+    assert replay(tok, "<think>\nsteps here\n</think>\n\nThe answer.", chat=True)[:2] == (
+        "\n\nThe answer.", "\nsteps here\n")
+    assert replay(tok, "steps</think>answer", chat=True, reasoning=True)[:2] == ("answer", "steps")
+    assert replay(tok, "<thinking> is a tag", chat=True)[:2] == ("<thinking> is a tag", "")
+    assert replay(tok, "no tags at all", chat=False)[:2] == ("no tags at all", "")
+
+
+def test_stop_strings_never_leak_a_prefix(tok):
+    content, _, _, stopped = replay(tok, "alpha beta gamma delta", stop=("gam", "zzz"))
+    assert content == "alpha beta " and stopped
+    s = StopStrings(["abc"])
+    assert [s.push(x) for x in ("xa", "b", "d", "ab", "c", "tail")] == ["x", "", "abd", "", "", ""] and s.hit
+
+
+def test_malformed_tool_call_is_none():
+    assert parse_tool_call("function get_weather") is None
+    assert parse_tool_call(f"function{TOOL_SEP}get_weather\n```json\n{{}}") is None        # no closing fence
+    assert parse_tool_call(f"{TOOL_SEP}{{}}") is None                                       # no name

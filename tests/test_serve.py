@@ -22,8 +22,8 @@ import openai
 import pytest
 
 from helpers import ROOT, pipeline
-from runtime.engine import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, TOOL_SEP, Detokenizer, StopStrings,
-                            parse_tool_call)
+from runtime.engine import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, TOOL_SEP, Detokenizer, Engine, Sampling,
+                            StopStrings, load_model, parse_tool_call)
 
 KEY = "test-key"
 TEMPLATE = ROOT / "tests" / "data" / "deepseek-v3-chat.jinja"
@@ -62,16 +62,26 @@ def merged(tmp_path_factory):
     return out
 
 
+def _chat(merged, *args, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "runtime.chat", "--model", str(merged), "--temperature", "0",
+                             *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=stdin,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 @pytest.fixture(scope="module")
-def chat_cli(merged):
-    """`runtime.chat --temperature 0` on PROMPTS[0], started beside the server (both mostly import time)."""
-    p = subprocess.Popen([sys.executable, "-m", "runtime.chat", "--model", str(merged), "--prompt", PROMPTS[0],
-                          "--temperature", "0", "--max-new-tokens", "12"], cwd=ROOT, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    yield p
-    if p.poll() is None:
-        p.kill()
-    p.communicate()
+def chat_cli(merged, tmp_path_factory):
+    """`runtime.chat --temperature 0` on PROMPTS[0], and an interactive session fed a line that is not UTF-8, both
+    started beside the server (all three mostly import time)."""
+    lines = tmp_path_factory.mktemp("chat") / "lines.txt"
+    lines.write_bytes(b"caf\xe9 au lait\nHello\n/exit\n")
+    with open(lines, "rb") as typed:
+        runs = {"prompt": _chat(merged, "--prompt", PROMPTS[0], "--max-new-tokens", "12"),
+                "bad-line": _chat(merged, "--max-new-tokens", "3", stdin=typed)}
+    yield runs
+    for p in runs.values():
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +150,20 @@ def test_health_models_and_the_key(server, client):
 
 def test_greedy_chat_equals_the_chat_command(client, chat_cli):
     r = ask(client, PROMPTS[0], max_tokens=12, temperature=0)
-    out, err = chat_cli.communicate(timeout=300)
-    assert chat_cli.returncode == 0, err
-    assert r.choices[0].message.content + "\n" == out
+    out, err = chat_cli["prompt"].communicate(timeout=300)
+    assert chat_cli["prompt"].returncode == 0, err
+    assert r.choices[0].message.content + "\n" == out.decode()
     assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
     assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+
+def test_chat_command_refuses_a_line_that_is_not_utf8_and_goes_on(chat_cli):
+    out, err = chat_cli["bad-line"].communicate(timeout=300)
+    lines = err.decode().splitlines()
+    assert chat_cli["bad-line"].returncode == 0 and "Traceback" not in err.decode()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "not valid UTF-8" in errors[0], lines
+    assert lines.index(errors[0]) < next(i for i, line in enumerate(lines) if "decode: 3 tokens" in line)
 
 
 def test_chat_streamed_equals_not_streamed(client, tok):
@@ -338,6 +357,43 @@ def test_reasoning_content_when_the_template_opens_think(client, tok):
     deltas = [c.choices[0].delta.model_extra or {} for c in chunks if c.choices]
     assert "".join(d.get("reasoning_content") or "" for d in deltas) == reasoning
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+# ------------------------------------------------------------------------------------ the engine, in this process
+
+def test_long_prompt_is_prefilled_a_chunk_per_decode_step(merged):
+    """A 150-token prompt arriving while another sequence decodes is prefilled 16 tokens a step (the model's
+    chunk), and the decoding sequence gets its next token at every step meanwhile; both replies equal their replies
+    alone. Then a prompt extending the long one copies its prefix from that slot."""
+    model = load_model(merged, device="cpu", ctx=256, slots=3, chunk=16)
+    long_text = (ROOT / "tests" / "data" / "prose.txt").read_text()[:2000]
+
+    def alone(prompt, n):
+        e = Engine(model, max_batch=1)
+        seq = e.submit(prompt, Sampling(n, 0.0))
+        list(e.run_sync(seq))
+        return seq.tokens
+
+    e = Engine(model)
+    short = e.encode(e.render([{"role": "user", "content": PROMPTS[0]}]))
+    long_ = e.encode_prompt(long_text)[:150]
+    want_a, want_b = alone(short, 14), alone(long_, 4)
+    e = Engine(model)
+    a = e.submit(short, Sampling(14, 0.0))
+    while not a.tokens:
+        e.step()
+    b = e.submit(long_, Sampling(4, 0.0))
+    trace = []                                           # per step: (tokens a got, prefill chunks run)
+    while not (a.finished and b.finished):
+        before = (len(a.tokens), e.stats["prefill_chunks"])
+        e.step()
+        trace.append((len(a.tokens) - before[0], e.stats["prefill_chunks"] - before[1]))
+    assert [c for _, c in trace[:10]] == [1] * 10 and sum(c for _, c in trace) == 10      # ceil(150 / 16)
+    assert [t for t, _ in trace[:10]] == [1] * 10
+    assert a.tokens == want_a and b.tokens == want_b
+    c = e.submit(long_ + [5, 6, 7], Sampling(2, 0.0))
+    list(e.run_sync(c))
+    assert c.cached == 150                                # copied from b's slot (b's reply differs from 5, 6, 7)
 
 
 # ------------------------------------------------------------------------------------ the reply parser, offline

@@ -588,9 +588,7 @@ class Engine:
 
     def step(self) -> bool:
         """One scheduling step (see the module docstring). Returns whether there was anything to do."""
-        with self.lock:
-            for seq in [s for s in self.active if s.cancelled]:
-                self._finish(seq, "cancelled")
+        self.step_cancelled()
         self._admit()
         if not self.active:
             return False
@@ -636,6 +634,7 @@ class Engine:
                 self.step_cancelled()
 
     def step_cancelled(self) -> None:
+        """End the cancelled sequences, running or waiting."""
         with self.lock:
             for seq in [s for s in self.active if s.cancelled]:
                 self._finish(seq, "cancelled")

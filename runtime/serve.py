@@ -164,9 +164,8 @@ def chat_messages(raw: list[dict]) -> list[dict]:
             msg["tool_calls"] = calls
         if role == "tool" and m.get("tool_call_id") is not None:
             msg["tool_call_id"] = m["tool_call_id"]
-        for k in ("content",):
-            if isinstance(msg[k], str):
-                check_text(msg[k], f"{where}.content")
+        if msg["content"] is not None:
+            check_text(msg["content"], f"{where}.content")
         out.append(msg)
     return out
 
@@ -285,14 +284,18 @@ class Server:
     def _stream(self, request: Request, seq, q, chunks, include_usage: bool, final, kind: str):
         async def body():
             finished = None
-            async for ev in self._events(request, seq, q):
-                if ev.error:
-                    yield self._sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
-                                               "param": None, "code": None}})
-                    return
-                for c in chunks(ev):
-                    yield self._sse(c)
-                finished = ev.finish_reason
+            try:
+                async for ev in self._events(request, seq, q):
+                    if ev.error:
+                        yield self._sse({"error": {"message": f"generation failed: {ev.error}",
+                                                   "type": "server_error", "param": None, "code": None}})
+                        return
+                    for c in chunks(ev):
+                        yield self._sse(c)
+                    finished = ev.finish_reason
+            finally:                              # closed early (the client went away): stop generating
+                if not seq.finished:
+                    self.engine.cancel(seq)
             if finished is None:
                 return
             yield self._sse(final(finished))

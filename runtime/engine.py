@@ -426,7 +426,8 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.closing = False
         self.stats = dict(requests=0, rejected=0, prompt_tokens=0, cached_tokens=0, generated_tokens=0,
-                          prefill_chunks=0, decode_steps=0, decode_rows=0, finished=0, cancelled=0, errors=0)
+                          prefill_chunks=0, decode_steps=0, decode_rows=0, finished=0, cancelled=0, errors=0,
+                          prefill_s=0.0, decode_s=0.0, prefill_chunk_max_s=0.0)
         specials = set(getattr(self.tok, "all_special_ids", []))
         markup = {self.tok.convert_tokens_to_ids(m) for m in MARKUP} - {None, self.tok.unk_token_id}
         self.hidden = specials - markup                  # BOS, EOS, pad...: never part of a reply's text
@@ -595,7 +596,11 @@ class Engine:
         pre = next((s for s in self.active if s.done < len(s.prompt)), None)
         if pre is not None:
             a, b = pre.done, min(len(pre.prompt), pre.done + self.net.chunk)
+            t = time.perf_counter()
             logits = self.net.prefill(torch.tensor(pre.prompt[a:b]), a, pre.slot)
+            t = time.perf_counter() - t
+            self.stats["prefill_s"] += t
+            self.stats["prefill_chunk_max_s"] = max(self.stats["prefill_chunk_max_s"], t)
             self.slots[pre.slot].tokens.extend(pre.prompt[a:b])
             pre.done = b
             self.stats["prefill_chunks"] += 1
@@ -603,9 +608,11 @@ class Engine:
                 self._sampled(pre, logits[-1])
         batch = [s for s in self.active if s.next is not None and not s.cancelled]
         if batch:
+            t = time.perf_counter()
             logits = self.net.decode(torch.tensor([s.next for s in batch]),
                                      torch.tensor([len(s.prompt) + s.fed for s in batch]),
                                      torch.tensor([s.slot for s in batch]))
+            self.stats["decode_s"] += time.perf_counter() - t
             self.stats["decode_steps"] += 1
             self.stats["decode_rows"] += len(batch)
             for seq, row in zip(batch, logits):

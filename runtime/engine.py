@@ -2,7 +2,7 @@
 front ends.
 
     engine = Engine(load_model(folder, slots=4), max_batch=4)
-    seq = engine.submit(engine.encode_chat(messages), Sampling(max_tokens=64, temperature=0))
+    seq = engine.submit(engine.encode(engine.render(messages)), Sampling(max_tokens=64, temperature=0))
     for event in engine.run_sync(seq): print(event.content, end="")        # or engine.start() + on_event callbacks
 
 Sequences and slots. The model holds `slots` KV caches of max_len positions each (runtime.model.Transformer); a
@@ -17,14 +17,14 @@ the others' next token by one chunk's prefill at most, and all decoding sequence
 Prefix cache. A finished sequence's slot keeps its tokens (the KV entries stay valid). A new sequence takes a free
 slot that its prompt extends (at least half of the slot's tokens are the prompt's prefix: a conversation's next
 turn), else the least recently used free slot; it copies a longer prefix from any slot (net.copy_prefix), and
-prefills only the rest. Reuse
-is by tokens, never by text: a prompt is always the same tokens whatever the cache holds, so a reply does not depend
-on which requests came before (up to float rounding of a chunked prefill, ~1e-5).
+prefills only the rest. Reuse is by tokens, never by text: a prompt is always the same tokens whatever the cache
+holds, so a reply does not depend on which requests came before (up to float rounding of a chunked prefill, ~1e-5).
+Memory is bounded by the slots; a slot's cache is overwritten only when the slot is taken again.
 
 Replies. Token ids become text through TextStream (a character split over byte-level tokens comes out whole), then
 stop strings (text that may begin one is held back until it cannot), then, for chat, the markup parser: R1's
 <think>...</think> as reasoning (also when the chat template opened the reply with <think>), and DeepSeek-V3's tool
-call markup (REFERENCE: calls-begin, per call: call-begin, type, tool-sep, name, newline, a json fence, call-end;
+call markup (calls-begin, then per call: call-begin, type, tool-sep, name, newline, a json fence, call-end;
 calls-end; DeepSeek-V3.1's `name<sep>arguments` is read too) as tool calls, each emitted once it is complete.
 """
 from __future__ import annotations

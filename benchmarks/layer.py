@@ -157,7 +157,7 @@ def main():
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         t0 = time.perf_counter()
         folder = build_folder(Path(tmp), args.experts, rng)
-        net = Transformer(folder, max_len=4096, threads=threads, device="cuda", fp8=True)
+        net = Transformer(folder, max_len=4096, threads=threads, device="cuda", fp8=True, gpu_memory=0)  # CPU experts
         print(f"built and loaded in {time.perf_counter() - t0:.0f} s; {threads} CPU threads", flush=True)
         moe_layer = net.layers[1]
         assert isinstance(moe_layer.ffn, MoE) and not isinstance(net.layers[0].ffn, MoE)
@@ -174,7 +174,7 @@ def main():
         t_step = median_time(lambda: net.forward(toks[:1], pos), args.steps)   # both layers, as the runtime runs
         g = net.graphs
         span = decode_span(pos, net.max_len)                     # cache positions the step's attention reads
-        moe_step = next(s for s in g.sets[span][0] if not isinstance(s, torch.cuda.CUDAGraph))
+        moe_step = next(s for s in g.sets[1, span][0] if not isinstance(s, torch.cuda.CUDAGraph))
         moe, shared_graph, h, ids, weights, routed = moe_step
         host = [t.to("cpu") for t in (h.float(), ids.to(torch.int32), weights.float())]
         arrays = [t.numpy() for t in host]
@@ -184,33 +184,34 @@ def main():
             shared_graph.replay()
 
         def cpu_only():
-            moe.experts.forward(*arrays)
+            moe.experts.cpu.forward(*arrays)
 
         def moe_part(overlap: bool):                             # what the runtime does between the two graphs
             if overlap:
-                r, _ = moe.experts_on_cpu(h, ids, weights, shared_graph.replay)
+                r, _ = moe.experts.cpu_part(h, ids, weights, shared_graph.replay)
             else:
-                r, _ = moe.experts_on_cpu(h, ids, weights, lambda: None)
+                r, _ = moe.experts.cpu_part(h, ids, weights)
                 shared_graph.replay()
             routed.copy_(r)
 
         # the dense layer alone, as a graph of its own (its GPU time; the MoE layer's attention is in `first` too)
         x0 = torch.randn(1, HIDDEN, device="cuda")
         p0 = torch.full((1,), pos, device="cuda")
+        s0 = torch.zeros(1, dtype=torch.long, device="cuda")     # slot 0, as the runtime's decode passes it
         dense = net.layers[0]
         with torch.inference_mode():
-            dense(x0, p0, span, net.freqs[p0])
+            dense(x0, p0, s0, span, net.freqs[p0])
             dg = torch.cuda.CUDAGraph()
             with torch.cuda.graph(dg):
-                dense(x0, p0, span, net.freqs[p0])
+                dense(x0, p0, s0, span, net.freqs[p0])
             attn_only = torch.cuda.CUDAGraph()
-            moe_layer.before_experts(x0, p0, span, net.freqs[p0])
+            moe_layer.before_experts(x0, p0, s0, span, net.freqs[p0])
             with torch.cuda.graph(attn_only):
-                moe_layer.before_experts(x0, p0, span, net.freqs[p0])
+                moe_layer.before_experts(x0, p0, s0, span, net.freqs[p0])
             attn_whole = torch.cuda.CUDAGraph()                  # the same over the whole cache (max_len)
-            moe_layer.before_experts(x0, p0, None, net.freqs[p0])
+            moe_layer.before_experts(x0, p0, s0, net.max_len, net.freqs[p0])
             with torch.cuda.graph(attn_whole):
-                moe_layer.before_experts(x0, p0, None, net.freqs[p0])
+                moe_layer.before_experts(x0, p0, s0, net.max_len, net.freqs[p0])
         head = torch.randn(VOCAB_REAL, HIDDEN, device="cuda", dtype=torch.bfloat16)
         xh = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
 
@@ -234,10 +235,10 @@ def main():
         net.forward(toks, 0)
         t_pre1 = median_time(lambda: net.forward(toks, 0), 3)
         with torch.inference_mode():
-            moe_layer.before_experts(x0, p0, span, net.freqs[p0])
+            moe_layer.before_experts(x0, p0, s0, span, net.freqs[p0])
             attn_1 = torch.cuda.CUDAGraph()
             with torch.cuda.graph(attn_1):
-                moe_layer.before_experts(x0, p0, span, net.freqs[p0])
+                moe_layer.before_experts(x0, p0, s0, span, net.freqs[p0])
             t_attn1 = median_time(attn_1.replay, args.steps)
         set_terms(net, 2)
 

@@ -30,9 +30,12 @@ class Model:
 
 
 def load(path, device: str = "auto", threads: int | None = None, max_len: int = 4096,
-         allow_unverified: bool = False, act_terms: int = 2, slots: int = 1, chunk: int = 2048) -> Model:
+         allow_unverified: bool = False, act_terms: int = 2, slots: int = 1, chunk: int = 2048,
+         gpu_memory: float | None = None) -> Model:
     """`act_terms` (GPU FP8 kernels only): activations in 2 e4m3 terms (default: ~7 bits, passes the CPU path's
-    accuracy bars; decode costs about the same) or 1 (DeepSeek's own scheme; prefill GEMMs up to 2x faster)."""
+    accuracy bars; decode costs about the same) or 1 (DeepSeek's own scheme; prefill GEMMs up to 2x faster).
+    `gpu_memory` (GiB): the most GPU memory the model takes in all; routed experts fill what the rest leaves (by
+    default all the free memory; runtime.experts.setup_gpu)."""
     if act_terms not in (1, 2):
         raise ModelError(f"act_terms must be 1 or 2, not {act_terms}")
     if device not in ("auto", "cpu", "cuda"):
@@ -49,7 +52,7 @@ def load(path, device: str = "auto", threads: int | None = None, max_len: int = 
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
     net = Transformer(folder, max_len=max_len, threads=threads, device=device, fp8=fp8, act_terms=act_terms,
-                      slots=slots, chunk=chunk)
+                      slots=slots, chunk=chunk, gpu_memory=gpu_memory)
     return Model(folder, net, tokenizer, device)
 
 

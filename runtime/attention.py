@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-BLOCK_ELEMENTS = 1 << 24          # scores held at once (rows x heads x keys), float32: 64 MiB
+KEY_BLOCK = 256                   # keys per online-softmax step: the same blocks whatever the rows, so a prompt
+                                  # prefilled in chunks sums in the same order as in one pass
 
 
 def mla_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
@@ -29,34 +30,46 @@ def mla_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: t
 
 
 def _blockwise(q_nope, q_pe, kv, pe, slots, pos, w_kb, w_vb, scale, bound):
-    """Absorbed form (W_kb folded into the query, W_vb into the output), online softmax over key blocks. Rows of
-    one slot share each key block; rows of several slots gather their own (a decode step: few rows)."""
-    dt = w_kb.dtype
+    """Online softmax over key blocks of KEY_BLOCK. A decode step (rows of several slots, each gathering its own
+    keys) runs the absorbed form: W_kb folded into the query, W_vb into the output, keys the cache itself. A prefill
+    chunk (rows of one slot, sharing every key block) expands each block's keys and values per head instead
+    (nope + rope + v = 320 multiply-adds per head and key, against kv_lora + rope + kv_lora = 1088 absorbed; the
+    expansion costs kv_lora x heads x (nope + v) per key, once for all the chunk's rows)."""
     T, H, _ = q_nope.shape
-    q_lat = torch.einsum("thd,hdc->thc", q_nope.to(dt), w_kb).float()
-    q_pe = q_pe.float()
     end = bound if bound is not None else (int(pos.max()) + 1 if T else 0)
+    end = min(kv.shape[1], -(-end // KEY_BLOCK) * KEY_BLOCK)      # whole blocks: masked keys add exact zeros
     shared = isinstance(slots, int)
-    block = max(64, min(end, BLOCK_ELEMENTS // max(1, T * H)))
-    m = torch.full((T, H, 1), float("-inf"), device=q_lat.device)
-    den = torch.zeros(T, H, 1, device=q_lat.device)
-    acc = torch.zeros_like(q_lat)
-    for a in range(0, end, block):
-        b = min(end, a + block)
+    dev = q_nope.device
+    if shared:                                                     # (H, T, .) for batched matmuls over heads
+        q, q_pe = q_nope.float().transpose(0, 1), q_pe.float().transpose(0, 1)
+        w_kb, w_vb = w_kb.float(), w_vb.float()
+        acc = torch.zeros(H, T, w_vb.shape[1], device=dev)
+    else:
+        q, q_pe = torch.einsum("thd,hdc->thc", q_nope.to(w_kb.dtype), w_kb).float(), q_pe.float()
+        acc = torch.zeros_like(q)
+    lead = (H, T, 1) if shared else (T, H, 1)
+    m = torch.full(lead, float("-inf"), device=dev)
+    den = torch.zeros(lead, device=dev)
+    for a in range(0, end, KEY_BLOCK):
+        b = min(end, a + KEY_BLOCK)
+        later = torch.arange(a, b, device=dev)[None, :] > pos[:, None]               # (T, keys)
         if shared:
-            k, k_pe = kv[slots, a:b].float(), pe[slots, a:b].float()
-            s = torch.einsum("thc,sc->ths", q_lat, k) + torch.einsum("thr,sr->ths", q_pe, k_pe)
+            c, k_pe = kv[slots, a:b].float(), pe[slots, a:b].float()
+            k, v = torch.einsum("sc,hdc->hds", c, w_kb), torch.einsum("sc,hvc->hsv", c, w_vb)
+            s = torch.bmm(q, k) + torch.matmul(q_pe, k_pe.T)                          # (H, T, keys)
+            s = (s * scale).masked_fill(later, float("-inf"))
         else:
-            k, k_pe = kv[slots, a:b].float(), pe[slots, a:b].float()          # (T, keys, .) per row
-            s = torch.einsum("thc,tsc->ths", q_lat, k) + torch.einsum("thr,tsr->ths", q_pe, k_pe)
-        later = torch.arange(a, b, device=s.device)[None, :] > pos[:, None]
-        s = (s * scale).masked_fill(later.unsqueeze(1), float("-inf"))
+            c, k_pe = kv[slots, a:b].float(), pe[slots, a:b].float()                  # (T, keys, .) per row
+            s = torch.einsum("thc,tsc->ths", q, c) + torch.einsum("thr,tsr->ths", q_pe, k_pe)
+            s = (s * scale).masked_fill(later.unsqueeze(1), float("-inf"))
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)     # rows with no key yet
         p = torch.exp(s - safe)
         fix = torch.exp(m - safe)
         den = den * fix + p.sum(-1, keepdim=True)
-        acc = acc * fix + (torch.einsum("ths,sc->thc", p, k) if shared else torch.einsum("ths,tsc->thc", p, k))
+        acc = acc * fix + (torch.bmm(p, v) if shared else torch.einsum("ths,tsc->thc", p, c))
         m = m_new
     o = acc / den
-    return torch.einsum("thc,hdc->thd", o.to(dt), w_vb).float()
+    if shared:
+        return o.transpose(0, 1)
+    return torch.einsum("thc,hdc->thd", o.to(w_vb.dtype), w_vb).float()

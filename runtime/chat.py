@@ -37,6 +37,8 @@ from runtime.engine import (DEFAULT_MODEL, Engine, RequestError, Sampling, TextS
 
 ACT_TERMS_HELP = ("GPU FP8 linears: activations as 2 e4m3 terms (x and its remainder, ~7 bits) or 1 "
                   "(DeepSeek's scheme, 3 bits; faster prefill).")
+GPU_MEMORY_HELP = ("GiB of GPU memory the model may take in all: weights, KV cache, buffers, and the routed experts "
+                   "that fill the rest (default: all that is free).")
 
 
 class ContextFull(Exception):
@@ -155,11 +157,11 @@ def _fail(folder, message: str) -> None:
 
 
 def load_model(folder: Path, device: str, threads: int | None, ctx: int, allow_unverified: bool, act_terms: int = 2,
-               slots: int = 1):
-    """runtime.engine.load_model for a CLI: any failure is one line, exit 2."""
+               **options):
+    """runtime.engine.load_model for a CLI (`options`: slots, chunk, gpu_memory); any failure is one line, exit 2."""
     from runtime.engine import ModelError, load_model as load
     try:
-        return load(folder, device, threads, ctx, slots, allow_unverified, act_terms)
+        return load(folder, device, threads, ctx, allow_unverified=allow_unverified, act_terms=act_terms, **options)
     except ModelError as e:
         _fail(folder, str(e))
 
@@ -194,10 +196,11 @@ def _emit(piece: str) -> None:
 @click.option("--prompt", default=None, help="Answer this one prompt and exit.")
 @click.option("--allow-unverified", is_flag=True, help="Serve a folder whose manifest.json says verified: false.")
 @click.option("--ctx", type=click.IntRange(min=2), default=4096, show_default=True, help="Context length (tokens).")
+@click.option("--gpu-memory", type=click.FloatRange(min=0), default=None, help=GPU_MEMORY_HELP)
 def main(folder, device, act_terms, threads, max_new_tokens, temperature, top_p, seed, system, prompt,
-         allow_unverified, ctx):
+         allow_unverified, ctx, gpu_memory):
     """Chat with a merged DeepSeek-V3 model (interactive; /exit, /reset; Ctrl-C stops a reply)."""
-    model = load_model(folder, device, threads, ctx, allow_unverified, act_terms)
+    model = load_model(folder, device, threads, ctx, allow_unverified, act_terms, gpu_memory=gpu_memory)
     defaults = generation_defaults(folder)
     temperature = defaults.get("temperature", 1.0) if temperature is None else temperature
     top_p = defaults.get("top_p", 1.0) if top_p is None else top_p

@@ -82,16 +82,16 @@ def check_text(text: str, what: str) -> str:
 # ------------------------------------------------------------------------------------------------------- loading
 
 def load_model(folder, device: str = "auto", threads: int | None = None, ctx: int = 4096, slots: int = 1,
-               allow_unverified: bool = False, act_terms: int = 2, chunk: int = 2048) -> Model:
-    """runtime.api.load with transformers quiet and torch's threads set; every failure is a ModelError of one line
-    that names the folder."""
+               allow_unverified: bool = False, act_terms: int = 2, chunk: int = 2048, **options) -> Model:
+    """runtime.api.load with transformers quiet and torch's threads set (`options`: api.load's others, such as
+    gpu_memory); every failure is a ModelError of one line that names the folder."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")   # its tokenizer-class notice is not for users
     import runtime.api as api
     if threads:
         torch.set_num_threads(threads)
     try:
         return api.load(folder, device=device, threads=threads, max_len=ctx, allow_unverified=allow_unverified,
-                        act_terms=act_terms, slots=slots, chunk=chunk)
+                        act_terms=act_terms, slots=slots, chunk=chunk, **options)
     except ModelError as e:
         message = " ".join(str(e).split())
     except (OSError, ValueError, KeyError, TypeError) as e:  # a folder that is not what its files claim

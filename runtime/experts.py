@@ -1,4 +1,13 @@
 """
+Routed experts: where they live and how a layer's step runs them.
+
+- `MoEExperts`: one layer's experts on the CPU through ggml (below).
+- `LayerExperts`: one layer on both devices: the experts placed on the GPU (runtime.ggml_gpu, GGML bytes) and the
+  rest through MoEExperts, at once, beside the shared expert (decode: pinned buffers, events, no allocation).
+- placement (`plan_placement`, `setup_gpu`): which experts fill the GPU's spare memory: the most-hit of a routing
+  profile (`RoutingProfile`, runtime.profile) or whole layers; `hit_rate` is the share of expert bytes they serve.
+- `Streamer`: prefill's streaming of a long chunk's other experts host -> GPU, when that beats the CPU.
+
 Routed experts of one DeepSeek-V3 MoE layer on the CPU, with ggml's quantized kernels, straight from the
 merged folder's bytes (docs/FORMAT.md: `blk.N.ffn_{gate,up,down}_exps.weight`, flat U8 GGML blocks, expert e
 = the e-th equal slice; logical shape (experts, out, in)). Nothing is copied or dequantized: ggml reads the
@@ -21,10 +30,19 @@ ggml's compute releases the GIL; one call at a time per graph (a lock), so layer
 """
 from __future__ import annotations
 
+import json
+import os
+import sys
+import tempfile
 import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from runtime import ggml_ops as G
 
@@ -123,8 +141,15 @@ class MoEExperts:
                 _graphs[key] = _Graph(T, k, self.gate, self.up, self.down, self.threads)
             return _graphs[key]
 
-    def forward(self, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """x float32 (T, hidden), expert_ids int (T, k), weights float32 (T, k) -> float32 (T, hidden)."""
+    @property
+    def expert_bytes(self) -> int:
+        """GGML bytes of one expert's three matrices."""
+        return sum(s.data.size // self.experts for s in (self.gate, self.up, self.down))
+
+    def forward(self, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray,
+                out: np.ndarray | None = None) -> np.ndarray:
+        """x float32 (T, hidden), expert_ids int (T, k), weights float32 (T, k) -> float32 (T, hidden), written
+        into `out` if given (a float32 (T, hidden) C-contiguous array, e.g. a pinned host buffer)."""
         x, ids, w = np.asarray(x, np.float32), np.asarray(expert_ids), np.asarray(weights, np.float32)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"expert_ids must be a 2-d integer array, got {ids.dtype} {ids.shape}")
@@ -134,7 +159,10 @@ class MoEExperts:
                              f"want (T, {self.hidden}), (T, k), (T, k)")
         if ids.size and (ids.min() < 0 or ids.max() >= self.experts):  # ggml would abort the process
             raise ValueError(f"expert ids must be in [0, {self.experts}), got [{ids.min()}, {ids.max()}]")
-        out = np.empty((T, self.hidden), np.float32)
+        if out is None:
+            out = np.empty((T, self.hidden), np.float32)
+        elif out.shape != (T, self.hidden) or out.dtype != np.float32:
+            raise ValueError(f"out {out.dtype} {out.shape}: want float32 ({T}, {self.hidden})")
         for a in range(0, T, self.max_tokens):
             n = min(self.max_tokens, T - a)
             self._run(x[a:a + n], ids[a:a + n], w[a:a + n], out[a:a + n])
@@ -152,3 +180,529 @@ class MoEExperts:
             g.x_np[n:], g.ids_np[n:], g.w_np[n:] = 0, ids[0], 0  # padding rows: no new experts, weight 0
             g.graph.compute()
             out[:] = g.out_np[:n]
+
+
+# ============================================================================================ placement, profiles
+# Which routed experts live on the GPU. A decode token reads the GGML bytes of each expert it routes to, so an
+# expert kept on the GPU serves (its hits) x (its bytes) of what would otherwise stream from host memory; the
+# figure of merit of a placement is the share of expert bytes it serves (hit_rate).
+
+PROFILE_NAME = "routing-profile.json"   # beside manifest.json in the model folder; not listed in it (see README)
+PROFILE_FORMAT = "dsv3-hybrid-routing-profile"
+
+
+class ProfileError(ValueError):
+    """A routing profile that cannot be used with this model (one line, names the file)."""
+
+
+@dataclass
+class RoutingProfile:
+    """Expert hit counts per MoE layer (how many token-routings chose each expert) over a calibration text."""
+    counts: dict[int, np.ndarray]        # layer -> int64 (n_experts,)
+    tokens: int                          # tokens routed (each counts top_k hits per layer)
+    source: str = ""                     # the calibration text's file name
+    routers: dict[int, str] | None = None   # layer -> the router weight's checksum in manifest.json, if any
+
+    def save(self, path) -> None:
+        """Written atomically (a temporary file beside it, then renamed)."""
+        path = Path(path)
+        body = {"format": PROFILE_FORMAT, "tokens": self.tokens, "source": self.source,
+                "layers": {str(i): c.tolist() for i, c in sorted(self.counts.items())},
+                "routers": {str(i): v for i, v in sorted((self.routers or {}).items())}}
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(body, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path, n_experts: int | None = None, routers: dict[int, str] | None = None) -> RoutingProfile:
+        """Read and check a profile; with n_experts/routers given (the model's), a profile of another model is
+        refused (ProfileError naming the file)."""
+        path = Path(path)
+        try:
+            body = json.loads(path.read_text())
+            if body.get("format") != PROFILE_FORMAT:
+                raise ProfileError(f"{path}: not a routing profile (format {body.get('format')!r})")
+            counts = {int(i): np.asarray(c, np.int64) for i, c in body["layers"].items()}
+            prof = cls(counts, int(body["tokens"]), body.get("source", ""),
+                       {int(i): v for i, v in body.get("routers", {}).items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            if isinstance(e, ProfileError):
+                raise
+            raise ProfileError(f"{path}: unreadable routing profile ({e})") from None
+        for i, c in counts.items():
+            if c.ndim != 1 or (n_experts is not None and c.size != n_experts) or (c < 0).any():
+                raise ProfileError(f"{path}: layer {i} has {c.size} counts, the model has {n_experts} experts")
+        for i, v in (routers or {}).items():
+            if prof.routers and prof.routers.get(i) not in (None, v):
+                raise ProfileError(f"{path}: recorded on another model (layer {i}'s router differs)")
+        return prof
+
+
+def router_checksums(folder) -> dict[int, str]:
+    """Layer -> the checksum manifest.json lists for its router weight (a profile's model fingerprint)."""
+    out = {}
+    for name, t in folder.tensors.items():
+        if name.endswith(".ffn_gate_inp.weight") and t.checksum:
+            out[int(name.split(".")[1])] = t.checksum
+    return out
+
+
+def plan_placement(per_expert: dict[int, int], n_experts: int, budget: int,
+                   counts: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+    """Experts to keep on the GPU, layer -> sorted global ids, within `budget` bytes (per_expert: layer -> bytes of
+    one expert). With `counts` (a profile): the most-hit experts over all layers first (an expert's hits are the
+    bytes it serves per byte it takes), ties by layer then id, each taken if it still fits. Without: whole layers
+    in layer order, then as many of the next layer's experts (lowest ids) as fit."""
+    chosen: dict[int, list[int]] = {i: [] for i in per_expert}
+    left = budget
+    if counts is not None:
+        order = sorted(((-int(counts.get(i, np.zeros(n_experts))[e]), i, e)
+                        for i in per_expert for e in range(n_experts)))
+        for _, i, e in order:
+            if per_expert[i] <= left:
+                chosen[i].append(e)
+                left -= per_expert[i]
+    else:
+        for i in sorted(per_expert):
+            n = min(n_experts, left // per_expert[i])
+            chosen[i] = list(range(n))
+            left -= n * per_expert[i]
+            if n < n_experts:
+                break
+    return {i: np.array(sorted(v), np.int64) for i, v in chosen.items() if v}
+
+
+def local_map(n_experts: int, resident) -> np.ndarray:
+    """int32 (n_experts,): global expert id -> its index among `resident` (in the given order), -1 if absent."""
+    m = np.full(n_experts, -1, np.int32)
+    m[np.asarray(resident, np.int64)] = np.arange(len(resident), dtype=np.int32)
+    return m
+
+
+def hit_rate(placement: dict[int, np.ndarray], counts: dict[int, np.ndarray], per_expert: dict[int, int]) -> float:
+    """Share of the expert bytes that `counts`' routings read which `placement`'s GPU experts serve."""
+    total = sum(int(c.sum()) * per_expert[i] for i, c in counts.items() if i in per_expert)
+    served = sum(int(counts[i][ids].sum()) * per_expert[i] for i, ids in placement.items() if i in counts)
+    return served / total if total else 0.0
+
+
+def cpu_routes(ids: np.ndarray, weights: np.ndarray, resident: np.ndarray, ids_out: np.ndarray,
+               w_out: np.ndarray) -> bool:
+    """The CPU's share of a routing: into ids_out/w_out (int32/float32 (T, k)), every pair whose expert is
+    `resident` (bool (n_experts,)) becomes a CPU-routed expert of the same step with weight 0, so that ggml
+    reads no byte more than the CPU pairs need. False if every pair is resident (nothing for the CPU to do)."""
+    on_gpu = resident[ids]
+    if not on_gpu.any():
+        ids_out[:], w_out[:] = ids, weights
+        return True
+    if on_gpu.all():
+        return False
+    filler = ids[~on_gpu].flat[0]
+    np.copyto(ids_out, np.where(on_gpu, filler, ids))
+    np.copyto(w_out, np.where(on_gpu, np.float32(0), weights))
+    return True
+
+
+# ============================================================================================ both devices at once
+
+_gpu_kernels = None
+
+
+def gpu_kernels():
+    """runtime.ggml_gpu, or None (said once) where it cannot load: then every expert stays on the CPU."""
+    global _gpu_kernels
+    if _gpu_kernels is None:
+        try:
+            from runtime import ggml_gpu
+            _gpu_kernels = ggml_gpu
+        except Exception as e:   # noqa: BLE001  (Triton missing or broken: the CPU path still serves)
+            print(f"note: GPU expert kernels unavailable ({type(e).__name__}: {e}); routed experts stay on the CPU",
+                  file=sys.stderr)
+            _gpu_kernels = False
+    return _gpu_kernels or None
+
+
+class _HostBuffers:
+    """The pinned host side of a step's copies, shared by all layers of a process and grown (never shrunk) to the
+    most rows seen: x, ids, weights down; the CPU experts' sum up. One step at a time: each layer waits for its own
+    downward copies (which the stream queues after the previous layer's upward copy) before it writes here."""
+
+    def __init__(self):
+        self.rows = self.hidden = self.k = 0
+        self.pinned = None
+
+    def get(self, T: int, hidden: int, k: int, pinned: bool):
+        if T > self.rows or (hidden, k, pinned) != (self.hidden, self.k, self.pinned):
+            rows = max(T, self.rows if (hidden, k, pinned) == (self.hidden, self.k, self.pinned) else 0)
+            new = lambda *s, dt=torch.float32: torch.empty(s, dtype=dt, pin_memory=pinned)  # noqa: E731
+            self.x, self.ids, self.w, self.out = new(rows, hidden), new(rows, k, dt=torch.int64), new(rows, k), \
+                new(rows, hidden)
+            self.ids32, self.w_cpu = np.empty((rows, k), np.int32), np.empty((rows, k), np.float32)
+            self.event = torch.cuda.Event() if pinned else None
+            self.rows, self.hidden, self.k, self.pinned = rows, hidden, k, pinned
+        return self
+
+
+_host = _HostBuffers()
+
+
+class LayerExperts:
+    """One MoE layer's routed experts on both devices: the CPU's (ggml over the folder's memory map: every expert)
+    and, after make_resident, some on the GPU as their GGML bytes (runtime.ggml_gpu). A call splits each token's
+    k experts between the two, runs both at once and returns their sum.
+
+    Order of a step on a GPU model: the hidden rows, ids and weights go to pinned host buffers (asynchronous copies
+    + an event); the shared expert and the GPU-resident experts are queued; the host waits for the copies only (not
+    for the GPU's work), runs ggml on the CPU's pairs, and queues the sum's copy back. Nothing is allocated per
+    step once the buffers have grown to the step's rows (the decode graph passes its own `out`)."""
+
+    def __init__(self, cpu: MoEExperts, layer: int):
+        self.cpu, self.layer = cpu, layer
+        self.n_experts, self.per_expert = cpu.experts, cpu.expert_bytes
+        self.resident = np.zeros(self.n_experts, bool)     # on the GPU
+        self.local: torch.Tensor | None = None              # int32 (n_experts,) on the device: global -> local
+        self.stacks: tuple | None = None                    # (gate, up, down) ggml_gpu.GpuStack
+        self.streamer: Streamer | None = None               # prefill's expert streaming, if the model has one
+        self.record: np.ndarray | None = None               # int64 (n_experts,): hit counts, while profiling
+
+    @classmethod
+    def from_folder(cls, folder, layer: int, threads: int | None = None) -> LayerExperts:
+        return cls(MoEExperts.from_folder(folder, layer, threads=threads), layer)
+
+    @property
+    def gpu_ready(self) -> bool:
+        """Every matrix's GGML type has a GPU kernel."""
+        gg = gpu_kernels()
+        return gg is not None and all(gg.supported(s.ggml_type) for s in self._mats)
+
+    @property
+    def _mats(self):
+        return self.cpu.gate, self.cpu.up, self.cpu.down
+
+    def make_resident(self, experts, device, bounce: torch.Tensor | None = None) -> int:
+        """Copy `experts` (global ids) to `device` as GGML bytes; later calls run them there. Returns the bytes."""
+        gg = gpu_kernels()
+        experts = np.unique(np.asarray(experts, np.int64))
+        self.resident[:] = False
+        self.local, self.stacks = None, None
+        if not len(experts):
+            return 0
+        stacks = []
+        for s in self._mats:
+            E, rows, cols = s.shape
+            size = s.data.size // E
+            dev = torch.empty((len(experts), rows, size // rows), dtype=torch.uint8, device=device)
+            flat = dev.view(-1)
+            for j, e in enumerate(experts):
+                _copy_bytes(flat[j * size:(j + 1) * size], s.data[e * size:(e + 1) * size], bounce)
+            stacks.append(gg.GpuStack(dev, s.ggml_type, rows, cols))
+        self.stacks = tuple(stacks)
+        self.local = torch.from_numpy(local_map(self.n_experts, experts)).to(device)
+        self.resident[experts] = True
+        return len(experts) * self.per_expert
+
+    # ------------------------------------------------------------------------------------ the two parts
+
+    def gpu_part(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+        """The resident experts' share (float32 (T, hidden) on the device), or None if none is resident. Queued
+        without a host sync (CUDA-graph capturable)."""
+        if self.stacks is None:
+            return None
+        return gpu_kernels().moe(x, ids, weights, self.local, *self.stacks)
+
+    def cpu_part(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, launch=None,
+                 out: torch.Tensor | None = None):
+        """The non-resident experts' share through ggml, with `launch()` (the GPU's side of the step) queued once
+        the inputs' copies are, so that both run at once. Returns (float32 (T, hidden) on x's device, written into
+        `out` if given; what launch returned)."""
+        T, k = ids.shape
+        if x.device.type != "cuda":       # a CPU model: no copies
+            launched = launch() if launch else None
+            b = _host.get(T, self.cpu.hidden, k, pinned=False)
+            ids_np = ids.numpy()
+            res = out if out is not None else torch.empty((T, self.cpu.hidden), dtype=torch.float32)
+            if cpu_routes(ids_np, weights.float().numpy(), self.resident, b.ids32[:T], b.w_cpu[:T]):
+                self.cpu.forward(x.float().numpy(), b.ids32[:T], b.w_cpu[:T], out=res.numpy())
+            else:
+                res.zero_()
+            return res, launched
+        b = _host.get(T, self.cpu.hidden, k, pinned=True)
+        xh, ih, wh, oh = b.x[:T], b.ids[:T], b.w[:T], b.out[:T]
+        xh.copy_(x, non_blocking=True)
+        ih.copy_(ids, non_blocking=True)
+        wh.copy_(weights, non_blocking=True)
+        b.event.record()
+        launched = launch() if launch else None
+        b.event.synchronize()                              # the copies only, not the launched work
+        ids_np = ih.numpy()
+        res = out if out is not None else torch.empty((T, self.cpu.hidden), dtype=torch.float32, device=x.device)
+        if cpu_routes(ids_np, wh.numpy(), self.resident, b.ids32[:T], b.w_cpu[:T]):
+            t0 = time.perf_counter()
+            self.cpu.forward(xh.numpy(), b.ids32[:T], b.w_cpu[:T], out=oh.numpy())
+            if self.streamer is not None:
+                self.streamer.cpu_timed(T * k - int(self.resident[ids_np].sum()), time.perf_counter() - t0)
+            res.copy_(oh, non_blocking=True)
+        else:
+            res.zero_()
+        return res, launched
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, launch_shared=None):
+        """(routed experts' sum, float32 (T, hidden) on x's device; what launch_shared() returned). A long prefill
+        chunk may stream its experts to the GPU instead (Streamer)."""
+        if self.record is not None:                          # profiling (runtime.profile)
+            self.record += np.bincount(ids.cpu().numpy().reshape(-1), minlength=self.n_experts)
+        if self.streamer is not None:
+            ids_np = self.streamer.worth(self, ids)
+            if ids_np is not None:
+                shared = launch_shared() if launch_shared else None
+                return self.streamer.run(self, x, ids, weights, ids_np), shared
+        gpu = []
+
+        def launch():                                        # the GPU's side, queued behind the inputs' copies
+            shared = launch_shared() if launch_shared else None
+            gpu.append(self.gpu_part(x, ids, weights))
+            return shared
+
+        routed, shared = self.cpu_part(x, ids, weights, launch)
+        if gpu[0] is not None:
+            routed += gpu[0]
+        return routed, shared
+
+
+def _copy_bytes(dst: torch.Tensor, src: np.ndarray, bounce: torch.Tensor | None) -> None:
+    """dst (uint8, any device) <- src (uint8, e.g. a read-only memmap slice), through `bounce` (pinned uint8) in
+    pieces when given: a memmap cannot be pinned in place, and torch will not wrap a read-only array."""
+    if bounce is None or dst.device.type != "cuda":
+        dst.copy_(torch.from_numpy(np.array(src)))
+        return
+    n, step = src.size, bounce.numel()
+    view = bounce.numpy()
+    for a in range(0, n, step):
+        m = min(step, n - a)
+        np.copyto(view[:m], src[a:a + m])
+        dst[a:a + m].copy_(bounce[:m])                  # synchronous: the bounce buffer is reused next
+
+
+# ============================================================================================ prefill streaming
+
+def stream_pays(copy_s: float, cpu_s: float | None) -> bool:
+    """Stream a chunk's experts if crossing PCIe takes less than the CPU would (unknown CPU time: not yet; the CPU
+    runs that chunk and is timed). The GPU's math on the streamed bytes is left out: it overlaps the next batch's
+    copy and is ~10x shorter for Q4_K_M experts (tensor cores on ~4.5 bits per weight)."""
+    return cpu_s is not None and cpu_s == cpu_s and copy_s < cpu_s
+
+
+class Streamer:
+    """Prefill's expert streaming (shared by a model's layers): for a long chunk, the experts a MoE layer routes to
+    that are not resident cross host -> GPU and run there (ggml_gpu.moe with a `local` map per batch), instead of
+    ggml on the CPU. The folder's memory map stays the one copy in RAM: bytes go memmap -> pinned staging (host
+    threads, in parallel) -> GPU staging, in batches of whole experts, double-buffered: batch j + 1's copies run
+    while batch j computes. The first batch of each layer waits for the layer's routing (no prefetch across
+    layers).
+
+    Decided per layer and chunk (`worth`): stream if bytes to cross / pcie_bps < the CPU's time for the chunk's
+    CPU pairs (pairs x cpu_pair_s). pcie_bps is measured on the first decision (pinned staging -> GPU);
+    cpu_pair_s is measured on the CPU's own calls of at least MEASURE_ROWS rows (the first such layer runs on the
+    CPU to measure it) and kept as a running mean."""
+
+    MEASURE_ROWS = 64       # rows from which a CPU call is compute-bound enough to predict longer chunks
+    MIN_ROWS = 32           # never stream below this (decode, short chunks): the routing's host copy costs a sync
+
+    def __init__(self, device, slot_bytes: int, threads: int = 8):
+        self.device = torch.device(device)
+        self.slot_bytes = slot_bytes
+        self.copy_stream = torch.cuda.Stream(self.device)
+        self.slots = [dict(dev=torch.empty(slot_bytes, dtype=torch.uint8, device=self.device),
+                           host=torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True),
+                           copied=torch.cuda.Event(), used=torch.cuda.Event()) for _ in range(2)]
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="stage")
+        self.pcie_bps: float | None = None
+        self.cpu_pair_s: float | None = None
+        self.decisions = deque(maxlen=1024)   # recent (layer, rows, bytes, predicted copy s, CPU s, streamed)
+
+    @property
+    def device_bytes(self) -> int:
+        return 2 * self.slot_bytes
+
+    def measure_pcie(self) -> float:
+        s = self.slots[0]
+        s["dev"].copy_(s["host"])                          # warm
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            s["dev"].copy_(s["host"], non_blocking=True)
+        torch.cuda.synchronize(self.device)
+        self.pcie_bps = 3 * self.slot_bytes / (time.perf_counter() - t0)
+        return self.pcie_bps
+
+    def cpu_timed(self, pairs: int, seconds: float) -> None:
+        if pairs >= self.MEASURE_ROWS:
+            rate = seconds / pairs
+            self.cpu_pair_s = rate if self.cpu_pair_s is None else 0.5 * (self.cpu_pair_s + rate)
+
+    def needed(self, layer: LayerExperts, ids_np: np.ndarray) -> np.ndarray:
+        used = np.unique(ids_np)
+        return used[~layer.resident[used]]
+
+    def predict(self, layer: LayerExperts, ids_np: np.ndarray) -> tuple[float, float, int]:
+        """(seconds to cross, seconds on the CPU, bytes) for this chunk's non-resident experts."""
+        cross = len(self.needed(layer, ids_np)) * layer.per_expert
+        cpu_pairs = int((~layer.resident[ids_np]).sum())
+        if self.pcie_bps is None:
+            self.measure_pcie()
+        cpu_s = cpu_pairs * self.cpu_pair_s if self.cpu_pair_s is not None else float("nan")
+        return cross / self.pcie_bps, cpu_s, cross
+
+    def worth(self, layer: LayerExperts, ids: torch.Tensor) -> np.ndarray | None:
+        """The chunk's routing on the host if streaming it pays, else None."""
+        if not ids.is_cuda or ids.shape[0] < self.MIN_ROWS or layer.per_expert > self.slot_bytes \
+                or not layer.gpu_ready:
+            return None
+        ids_np = ids.cpu().numpy()
+        copy_s, cpu_s, nbytes = self.predict(layer, ids_np)
+        go = stream_pays(copy_s, cpu_s)
+        self.decisions.append((layer.layer, ids.shape[0], nbytes, copy_s, cpu_s, go))
+        return ids_np if go else None
+
+    def run(self, layer: LayerExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+            ids_np: np.ndarray) -> torch.Tensor:
+        """Every routed expert of the chunk on the GPU: resident ones from their stacks, the rest streamed."""
+        gg = gpu_kernels()
+        out = layer.gpu_part(x, ids, weights)
+        out = torch.zeros((x.shape[0], layer.cpu.hidden), dtype=torch.float32, device=x.device) if out is None else out
+        need = self.needed(layer, ids_np)
+        per = self.slot_bytes // layer.per_expert
+        batches = [need[a:a + per] for a in range(0, len(need), per)]
+        if not batches:
+            return out
+        maps = torch.from_numpy(np.stack([local_map(layer.n_experts, b) for b in batches])).to(x.device)
+        compute = torch.cuda.current_stream(x.device)
+        for j, batch in enumerate(batches):
+            s = self.slots[j % 2]
+            s["copied"].synchronize()                      # the pinned slot's previous upload is done
+            views = self._fill(layer, batch, s)
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(s["used"])     # the GPU slot's previous batch has been computed
+                n = sum(v.numel() for v in views)
+                s["dev"][:n].copy_(s["host"][:n], non_blocking=True)
+                s["copied"].record(self.copy_stream)
+            compute.wait_event(s["copied"])
+            stacks = [gg.GpuStack(v, m.ggml_type, m.shape[1], m.shape[2]) for v, m in zip(views, layer._mats)]
+            out += gg.moe(x, ids, weights, maps[j], *stacks)
+            s["used"].record(compute)
+        return out
+
+    def _fill(self, layer: LayerExperts, batch: np.ndarray, slot: dict) -> list[torch.Tensor]:
+        """Copy the batch's experts' bytes from the memmap into the slot's pinned buffer (threads; numpy's copy
+        releases the GIL); return the GPU slot's views, one (n, rows, row_bytes) stack per matrix."""
+        host, dev = slot["host"].numpy(), slot["dev"]
+        jobs, views, at = [], [], 0
+        for m in layer._mats:
+            E, rows, _ = m.shape
+            size = m.data.size // E
+            for j, e in enumerate(batch):
+                jobs.append((host[at + j * size:at + (j + 1) * size], m.data[e * size:(e + 1) * size]))
+            views.append(dev[at:at + len(batch) * size].view(len(batch), rows, size // rows))
+            at += len(batch) * size
+        list(self.pool.map(lambda job: np.copyto(*job), jobs))
+        return views
+
+
+# ============================================================================================ a model's placement
+
+STAGE_BYTES = 1 << 30          # each of the two streaming slots (GPU and pinned host), at most
+MARGIN_BYTES = 1 << 30         # left free on the GPU beside the plan (decode graphs' pools, allocator slack)
+
+
+def expert_budget(device, reserve: int, gpu_memory: float | None) -> int:
+    """Bytes the resident experts may take now: what is free on the device less `reserve` (prefill buffers,
+    streaming slots) and a margin; with `gpu_memory` (GiB), at most that in all for this process (what torch holds
+    already counted)."""
+    free = torch.cuda.mem_get_info(device)[0]
+    budget = free - reserve - MARGIN_BYTES
+    if gpu_memory is not None:
+        budget = min(budget, int(gpu_memory * 2**30) - torch.cuda.memory_reserved(device) - reserve)
+    return max(0, budget)
+
+
+@dataclass
+class Placement:
+    experts: dict[int, np.ndarray]      # layer -> resident global ids
+    bytes: int
+    budget: int
+    profile: str | None                 # the profile file used, or None (whole layers)
+    expected_hit_rate: float | None     # on the profile's own text, if one was used
+
+
+def place_experts(layers: dict[int, LayerExperts], device, budget: int, profile: RoutingProfile | None = None,
+                  profile_name: str | None = None) -> Placement:
+    """Fill `budget` bytes of `device` with routed experts (plan_placement) and make them resident."""
+    ready = {i: le for i, le in layers.items() if le.gpu_ready}
+    if not ready:
+        return Placement({}, 0, budget, profile_name, None)
+    per_expert = {i: le.per_expert for i, le in ready.items()}
+    n_experts = next(iter(ready.values())).n_experts
+    plan = plan_placement(per_expert, n_experts, budget, profile.counts if profile else None)
+    total = 0
+    bounce = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True) if torch.device(device).type == "cuda" else None
+    for i, ids in plan.items():
+        total += ready[i].make_resident(ids, device, bounce)
+    rate = hit_rate(plan, profile.counts, per_expert) if profile else None
+    return Placement(plan, total, budget, profile_name, rate)
+
+
+def record_profile(layers: dict[int, LayerExperts], run, source: str = "",
+                   routers: dict[int, str] | None = None) -> RoutingProfile:
+    """Count every layer's routings while `run()` pushes tokens through the model; `run` returns the token count."""
+    for le in layers.values():
+        le.record = np.zeros(le.n_experts, np.int64)
+    try:
+        tokens = run()
+        return RoutingProfile({i: le.record.copy() for i, le in layers.items()}, tokens, source, routers)
+    finally:
+        for le in layers.values():
+            le.record = None
+
+
+def setup_gpu(layers: dict[int, LayerExperts], folder, device, reserve: int,
+              gpu_memory: float | None = None) -> Placement | None:
+    """A GPU model's experts: the streaming slots for prefill, then resident experts filling the rest of the
+    budget (expert_budget less the slots): by the folder's routing profile (PROFILE_NAME) if it has a usable
+    one (else a note, once), or whole layers. None where the GPU kernels cannot load."""
+    if gpu_kernels() is None or not any(le.gpu_ready for le in layers.values()):
+        return None
+    device = torch.device(device)
+    biggest = max(le.per_expert for le in layers.values())
+    slot = max(biggest, min(STAGE_BYTES, 32 * biggest))
+    budget = expert_budget(device, reserve + 2 * slot, gpu_memory)
+    streamer = Streamer(device, slot) if expert_budget(device, reserve, gpu_memory) >= 2 * slot else None
+    for le in layers.values():
+        le.streamer = streamer
+    profile, name = None, None
+    path = Path(folder.path) / PROFILE_NAME
+    if path.exists():
+        try:
+            profile = RoutingProfile.load(path, next(iter(layers.values())).n_experts, router_checksums(folder))
+            name = str(path)
+        except ProfileError as e:
+            print(f"note: {e}; GPU experts placed by whole layers", file=sys.stderr)
+    return place_experts(layers, device, budget, profile, name)
+
+
+def compare_placements(per_expert: dict[int, int], n_experts: int, counts: dict[int, np.ndarray],
+                       profile: dict[int, np.ndarray], shares=(0.1, 0.25, 0.5, 0.75)) -> list[dict]:
+    """Hit rates on `counts` (a text's routings) of a placement planned from `profile` (another text's) and of
+    whole layers, at budgets of each share of all the expert bytes."""
+    total = sum(per_expert.values()) * n_experts
+    rows = []
+    for share in shares:
+        budget = int(share * total)
+        rows.append({"share": share, "budget_bytes": budget,
+                     "profile": hit_rate(plan_placement(per_expert, n_experts, budget, profile), counts, per_expert),
+                     "whole_layers": hit_rate(plan_placement(per_expert, n_experts, budget), counts, per_expert)})
+    return rows

@@ -14,9 +14,9 @@ project, also module `ggml`) has a stale layout and fails here instead of segfau
 Threads: this ggml build runs its workers on OpenMP (a ggml threadpool then starts no threads of its own, so
 there is no point in one). OpenMP's default wait policy spins between parallel regions and at ggml's per-op
 barriers, which collapses when the cores are oversubscribed (the GPU side's threads, other processes), so we
-default OMP_WAIT_POLICY to PASSIVE if no libgomp is loaded yet. libgomp reads it once, when it is loaded: a
-program that imports torch first (torch loads its libgomp, which ggml then shares: same soname) must set it
-itself, before that import.
+default OMP_WAIT_POLICY to PASSIVE, with a bounded spin (GOMP_SPINCOUNT), if no libgomp is loaded yet. libgomp
+reads them once, when it is loaded: a program that imports torch first (torch loads its libgomp, which ggml then
+shares: same soname) must set them itself, before that import.
 """
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ import warnings
 
 if "OMP_WAIT_POLICY" not in os.environ and not any("libgomp" in line for line in open("/proc/self/maps")):
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    # ... but a bounded spin first (GOMP_SPINCOUNT overrides PASSIVE's 0): a decode step's experts start a few
+    # hundred microseconds after the last layer's ended, and threads still spinning start them at once
+    # (benchmarks/moe_step.py times ggml under each policy)
+    os.environ.setdefault("GOMP_SPINCOUNT", "300000")
 
 import numpy as np
 

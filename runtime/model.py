@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.attention import mla_attend
-from runtime.experts import MoEExperts
+from runtime.experts import LayerExperts, setup_gpu
 from runtime.load import Folder, ModelError, bf16, fp8_dequant
 
 
@@ -223,14 +223,15 @@ class MLP:
 
 
 class MoE:
-    """Sigmoid router with correction bias and group-limited top-k; routed experts on the CPU via ggml."""
+    """Sigmoid router with correction bias and group-limited top-k; routed experts through runtime.experts (ggml on
+    the CPU, and on the GPU those placed there), the shared expert beside them on the model's device."""
 
     def __init__(self, a: Args, w: Weights, i: int, threads: int | None):
         b = f"blk.{i}."
         self.a = a
         self.router = w.plain(b + "ffn_gate_inp.weight").float()
         self.bias = w.plain(b + "exp_probs_b.bias").float()
-        self.experts = MoEExperts.from_folder(w.f, i, threads=threads)
+        self.experts = LayerExperts.from_folder(w.f, i, threads=threads)
         self.shared = MLP(w, b + "ffn_", suffix="_shexp")
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,18 +247,21 @@ class MoE:
         weights = weights / weights.sum(-1, keepdim=True) * a.route_scale
         return ids, weights
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Rows x (T, dim) -> float32 (T, dim): a decode batch, or all rows of a prompt (a prefill moves each layer's
+        expert bytes once, whatever T), the shared expert then `chunk` rows at a time (activations: chunk x inter)."""
         ids, weights = self.route(x)
-        routed, shared = self.experts_on_cpu(x, ids, weights, lambda: self.shared(x))
+        step = chunk or max(1, len(x))
+        routed, shared = self.experts(x, ids, weights, lambda: torch.cat(
+            [self.shared(x[a:a + step]).float() for a in range(0, len(x), step)]) if len(x) else x.new_zeros(x.shape))
         return routed + shared.float()
 
-    def experts_on_cpu(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, launch_shared):
-        """The routed experts through ggml on the CPU, with `launch_shared()` (the shared expert) queued on the GPU
-        first, so that both run at once. Returns (routed, float32 on x's device; what launch_shared returned)."""
-        host = [t.to("cpu") for t in (x.float(), ids.to(torch.int32), weights.float())]   # waits for the GPU
-        shared = launch_shared()
-        routed = self.experts.forward(*(t.numpy() for t in host))
-        return torch.from_numpy(routed).to(x.device), shared
+    def gpu_side(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Everything of the layer's FFN that runs on the GPU: the shared expert + the resident routed experts'
+        share (no host sync: one CUDA graph in a decode step). float32 (rows, dim)."""
+        shared = self.shared(x).float()
+        resident = self.experts.gpu_part(x, ids, weights)
+        return shared if resident is None else shared + resident
 
 
 class Block:
@@ -273,6 +277,21 @@ class Block:
         x = x + self.attn(rms_norm(x, self.attn_norm, self.a.eps), pos, slots, bound, freqs)
         return x + self.ffn(rms_norm(x, self.ffn_norm, self.a.eps))
 
+    @torch.inference_mode()
+    def prefill(self, x: torch.Tensor, pos: torch.Tensor, slot: int, chunk: int, freqs: torch.Tensor) -> None:
+        """All rows x (T, dim) of one slot through this layer, in place: attention `chunk` rows at a time (each
+        chunk writes its cache entries, then attends to them and to every earlier one), then the feed-forward: a
+        MoE layer's routed experts for all T rows at once, the rest `chunk` rows at a time."""
+        T, eps = len(x), self.a.eps
+        for a in range(0, T, chunk):
+            b = min(T, a + chunk)
+            x[a:b] += self.attn(rms_norm(x[a:b], self.attn_norm, eps), pos[a:b], slot, int(pos[0]) + b, freqs[a:b])
+        if isinstance(self.ffn, MoE):
+            x += self.ffn(rms_norm(x, self.ffn_norm, eps), chunk)
+        else:
+            for a in range(0, T, chunk):
+                x[a:a + chunk] += self.ffn(rms_norm(x[a:a + chunk], self.ffn_norm, eps))
+
     def before_experts(self, x, pos, slots, bound, freqs):
         """A MoE block up to its routed experts: (residual after attention, normed input, expert ids, weights)."""
         x = x + self.attn(rms_norm(x, self.attn_norm, self.a.eps), pos, slots, bound, freqs)
@@ -285,11 +304,12 @@ def cache_bytes(a: Args, tokens: int, element_bytes: int) -> int:
     return a.n_layers * tokens * (a.kv_lora + a.rope) * element_bytes
 
 
-def prefill_reserve(a: Args, chunk: int) -> int:
-    """Bytes a prefill chunk's activations may take at once, kept free beside the cache: the absorbed queries,
-    accumulators and outputs (float32, rows x heads x kv_lora, a few of each), one block of scores, the MLP."""
-    return chunk * (4 * a.n_heads * a.kv_lora + 8 * max(a.inter, a.moe_inter * a.top_k) + 16 * a.dim) * 4 \
-        + 4 * 4 * (1 << 24)
+def prefill_reserve(a: Args, chunk: int, tokens: int = 0) -> int:
+    """Bytes a prefill may take at once beside the cache: the prompt's residual stream and its normed copy (float32,
+    tokens x dim, twice), and one chunk's activations: queries, accumulators and outputs (float32, rows x heads x
+    kv_lora, a few of each), a block of scores, the MLP's."""
+    return 2 * tokens * a.dim * 4 + chunk * (4 * a.n_heads * a.kv_lora + 8 * max(a.inter, a.moe_inter * a.top_k)
+                                             + 16 * a.dim) * 4 + 4 * 4 * (1 << 24)
 
 
 def free_memory(device: torch.device) -> int:
@@ -304,16 +324,18 @@ def free_memory(device: torch.device) -> int:
 class Transformer:
     def __init__(self, folder: Folder, max_len: int = 4096, threads: int | None = None,
                  device: str | torch.device = "cpu", fp8: bool = False, emulate_fp8: bool = False,
-                 act_terms: int = 2, slots: int = 1, chunk: int = 2048):
+                 act_terms: int = 2, slots: int = 1, chunk: int = 2048, gpu_memory: float | None = None):
         """`fp8`: FP8 linears stay FP8 and run on runtime.fp8's kernels, their inputs quantized to `act_terms` e4m3
         terms (1: DeepSeek's scheme; 2: also the remainder, ~7 bits); else they are dequantized to bf16 at load,
         and `emulate_fp8` rounds their inputs as the kernels would (the FP8 path's numerics, without the kernels).
         `slots` sequences of up to `max_len` positions each get a KV cache, planned up front: a context past the
         model's max_position_embeddings, or one whose cache would not fit the device's free memory, is refused
-        (ModelError) before anything is loaded. Prompts are prefilled `chunk` tokens a pass."""
+        (ModelError) before anything is loaded. Prompts are prefilled `chunk` tokens a pass. On a GPU, routed experts
+        fill what is left of its memory (at most `gpu_memory` GiB in all for this process, if given; see
+        runtime.experts.setup_gpu), and long prefill chunks stream the rest there."""
         self.a = a = Args.from_config(folder.config)
         self.device = torch.device(device)
-        self.max_len, self.slots, self.chunk = max_len, slots, chunk
+        self.max_len, self.slots, self.chunk = max_len, slots, min(chunk, max_len)
         limit = folder.config.get("max_position_embeddings")
         if isinstance(limit, int) and max_len > limit:
             raise ModelError(f"a context of {max_len} tokens is past this model's limit of {limit} "
@@ -321,13 +343,21 @@ class Transformer:
         if slots < 1 or chunk < 1 or max_len < 1:
             raise ModelError(f"context {max_len}, slots {slots} and chunk {chunk} must all be at least 1")
         element = 2 if self.device.type == "cuda" else 4
-        self.plan_check(free_memory(self.device), element, weights=self.weight_bytes(folder, fp8))
+        free = free_memory(self.device)
+        if gpu_memory and self.device.type == "cuda":   # the cap covers the whole model (0: no resident experts)
+            free = min(free, int(gpu_memory * 2**30))
+        self.plan_check(free, element, weights=self.weight_bytes(folder, fp8))
         w = Weights(folder, self.device, fp8, emulate_fp8, act_terms)
         self.embed = w.plain("token_embd.weight")
         self.norm, self.head = w.plain("output_norm.weight"), w.linear("output.weight")
         self.layers = [Block(a, w, i, max_len, threads, slots) for i in range(a.n_layers)]
         self.freqs = yarn_freqs(a, max_len).to(self.device)
         self.graphs: GraphedDecode | None = None
+        self.placement = None
+        if self.device.type == "cuda":
+            moe = {i: l.ffn.experts for i, l in enumerate(self.layers) if isinstance(l.ffn, MoE)}
+            self.placement = setup_gpu(moe, folder, self.device, prefill_reserve(a, self.chunk, max_len),
+                                       gpu_memory)
 
     def weight_bytes(self, folder: Folder, fp8: bool) -> int:
         """What the weights will take on the device: everything but the routed experts (which stay in the
@@ -346,11 +376,16 @@ class Transformer:
         """Refuse a context whose KV cache (and a prefill chunk's buffers) would not fit `free` bytes."""
         a = self.a
         need = cache_bytes(a, self.max_len * self.slots, element)
-        reserve = prefill_reserve(a, self.chunk) + weights
+        reserve = prefill_reserve(a, self.chunk, self.max_len) + weights
+        where = "GPU" if self.device.type == "cuda" else "machine"
+        if reserve > free:
+            raise ModelError(f"the weights ({weights / 2**30:.1f} GiB) and the prefill buffers of {self.chunk}-token "
+                             f"chunks in a {self.max_len}-token context ({(reserve - weights) / 2**30:.1f} GiB) need "
+                             f"more than the {free / 2**30:.1f} GiB the {where} has free; use a smaller chunk or "
+                             "context")
         if need + reserve > free:
             per_token = cache_bytes(a, 1, element) * self.slots
             fits = max(0, (free - reserve) // per_token)
-            where = "GPU" if self.device.type == "cuda" else "machine"
             raise ModelError(
                 f"a context of {self.max_len} tokens x {self.slots} slot(s) needs {need / 2**30:.1f} GiB of KV "
                 f"cache + {reserve / 2**30:.1f} GiB for weights and prefill buffers; the {where} has "
@@ -365,21 +400,27 @@ class Transformer:
 
     @torch.inference_mode()
     def prefill_chunks(self, tokens: torch.Tensor, start: int = 0, slot: int = 0, all_logits: bool = True):
-        """Prefill `tokens` at positions start.. of `slot` (whose cache holds 0..start-1), `chunk` tokens a pass;
-        yields (first position, float32 CPU logits) per chunk: every row (all_logits), else the chunk's last."""
+        """Prefill `tokens` at positions start.. of `slot` (whose cache holds 0..start-1); yields (first position,
+        float32 CPU logits) per `chunk` rows: every row (all_logits), else only the last row, once. Layer by layer
+        over the whole prompt (a layer's routed experts are fetched once for all its tokens, not once per chunk),
+        each layer's attention and dense parts `chunk` rows at a time; the residual stream of the prompt (T x dim,
+        float32) is the only tensor that grows with it."""
         T = tokens.shape[0]
         self._check_room(start, T)
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} of {self.slots}")
+        if T == 0:
+            return
+        pos = torch.arange(start, start + T, device=self.device)
+        x = self.embed[tokens.to(self.device)].float()
+        freqs = self.freqs[start:start + T]
+        for layer in self.layers:
+            layer.prefill(x, pos, slot, self.chunk, freqs)
+        if not all_logits:
+            yield start + T - 1, self.logits(x[-1:]).cpu()
+            return
         for a in range(0, T, self.chunk):
-            part = tokens[a:a + self.chunk].to(self.device)
-            p0 = start + a
-            pos = torch.arange(p0, p0 + part.shape[0], device=self.device)
-            x = self.embed[part].float()
-            freqs = self.freqs[p0:p0 + part.shape[0]]
-            for layer in self.layers:
-                x = layer(x, pos, slot, p0 + part.shape[0], freqs)
-            yield p0, self.logits(x if all_logits else x[-1:]).cpu()
+            yield start + a, self.logits(x[a:a + self.chunk]).cpu()
 
     def prefill(self, tokens: torch.Tensor, start: int = 0, slot: int = 0, all_logits: bool = False) -> torch.Tensor:
         """Logits (T, vocab) if all_logits, else (1, vocab) for the last token; see prefill_chunks."""
@@ -454,10 +495,10 @@ class GraphedDecode:
             if isinstance(layer.ffn, MoE):
                 x, h, ids, weights = self._capture(steps, pool, lambda c=carry, l=layer: l.before_experts(
                     self._resume(c, token), pos, slots, span, net.freqs[pos]))
-                shared_graph, shared = self._graph(pool, lambda l=layer, h=h: l.ffn.shared(h))
+                gpu_graph, gpu_side = self._graph(pool, lambda f=layer.ffn, h=h, i=ids, w=weights: f.gpu_side(h, i, w))
                 routed = torch.zeros_like(x)
-                steps.append((layer.ffn, shared_graph, h, ids, weights, routed))
-                carry = (x, shared, routed)
+                steps.append((layer.ffn, gpu_graph, h, ids, weights, routed))
+                carry = (x, gpu_side, routed)
             else:
                 carry = (self._capture(steps, pool, lambda c=carry, l=layer: l(self._resume(c, token), pos, slots,
                                                                                  span, net.freqs[pos])),)
@@ -504,6 +545,6 @@ class GraphedDecode:
             if isinstance(step, torch.cuda.CUDAGraph):
                 step.replay()
                 continue
-            moe, shared_graph, h, ids, weights, routed = step
-            routed.copy_(moe.experts_on_cpu(h, ids, weights, shared_graph.replay)[0])
+            moe, gpu_graph, h, ids, weights, routed = step            # the CPU's experts land in `routed`
+            moe.experts.cpu_part(h, ids, weights, gpu_graph.replay, out=routed)
         return logits

@@ -271,15 +271,19 @@ class FloatExperts:
             return torch.from_numpy(dequantize(np.asarray(s.data).reshape(e * rows, -1), s.ggml_type)
                                     .reshape(e, rows, cols).copy())
         self.gate, self.up, self.down = (deq(s) for s in (ggml_experts.gate, ggml_experts.up, ggml_experts.down))
+        self.hidden = ggml_experts.hidden
 
-    def forward(self, x, ids, weights):
+    def forward(self, x, ids, weights, out=None):
         x, ids, weights = torch.from_numpy(x), torch.from_numpy(ids).long(), torch.from_numpy(weights)
-        out = torch.zeros_like(x)
+        acc = torch.zeros_like(x)
         for e in ids.unique().tolist():
             t, k = (ids == e).nonzero(as_tuple=True)
             h = F.silu(x[t] @ self.gate[e].T) * (x[t] @ self.up[e].T)
-            out.index_add_(0, t, (h @ self.down[e].T) * weights[t, k, None])
-        return out.numpy()
+            acc.index_add_(0, t, (h @ self.down[e].T) * weights[t, k, None])
+        if out is None:
+            return acc.numpy()
+        out[:] = acc.numpy()
+        return out
 
 
 def prefill_then_decode(m, ids: list[int], prefill: int) -> torch.Tensor:
@@ -311,7 +315,7 @@ def test_prefill_then_decode_equals_one_full_pass(merged, model, prose_ids):
     exact = runtime.load(merged, max_len=512, device="cpu")  # the same model, experts without activation rounding
     for layer in exact.net.layers:
         if isinstance(layer.ffn, MoE):
-            layer.ffn.experts = FloatExperts(layer.ffn.experts)
+            layer.ffn.experts.cpu = FloatExperts(layer.ffn.experts.cpu)   # the CPU's side of LayerExperts
     ids = prose_ids[:160]
     full = runtime.logits(exact, ids)
     inc = prefill_then_decode(exact, ids, 96)

@@ -10,9 +10,10 @@ sequence runs in one slot from admission to its end. At most `max_batch` sequenc
 of `max_queue` (QueueFull past that).
 
 One scheduling step (`step`): admit waiting sequences into free slots; prefill ONE chunk (the model's `chunk`
-tokens) of the oldest sequence still prefilling; then one batched decode step of every sequence that is decoding
-(net.decode: row b is sequence b's last token at its own position in its own slot). A long prompt therefore delays
-the others' next token by one chunk's prefill at most, and all decoding sequences share each step's weight reads.
+tokens) of the oldest sequence still prefilling, or all of its prompt if no other sequence is decoding; then one
+batched decode step of every sequence that is decoding (net.decode: row b is sequence b's last token at its own
+position in its own slot). A long prompt therefore delays the others' next token by one chunk's prefill at most,
+and all decoding sequences share each step's weight reads.
 
 Prefix cache. A finished sequence's slot keeps its tokens (the KV entries stay valid). A new sequence takes a free
 slot that its prompt extends (at least half of the slot's tokens are the prompt's prefix: a conversation's next
@@ -595,7 +596,11 @@ class Engine:
             return False
         pre = next((s for s in self.active if s.done < len(s.prompt)), None)
         if pre is not None:
-            a, b = pre.done, min(len(pre.prompt), pre.done + self.net.chunk)
+            # with others decoding, one chunk; else all of it in one call (the model then fetches each layer's
+            # routed experts once for the whole prompt, not once per chunk)
+            decoding = any(s.next is not None for s in self.active)
+            a = pre.done
+            b = min(len(pre.prompt), a + self.net.chunk) if decoding else len(pre.prompt)
             t = time.perf_counter()
             logits = self.net.prefill(torch.tensor(pre.prompt[a:b]), a, pre.slot)
             t = time.perf_counter() - t

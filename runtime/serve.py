@@ -37,6 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from runtime.chat import GPU_MEMORY_HELP, _fail, load_model
 from runtime.engine import (DEFAULT_MODEL, THINK_OPEN, Engine, Event, QueueFull, RequestError, Sampling,
                             check_text, generation_defaults)
 
@@ -512,22 +513,18 @@ def calls_of(events: list[Event]) -> list[dict]:
 @click.option("--act-terms", type=click.IntRange(1, 2), default=2, show_default=True,
               help="GPU FP8 linears: activations in 1 or 2 e4m3 terms.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: physical cores).")
+@click.option("--gpu-memory", type=click.FloatRange(min=0), default=None, help=GPU_MEMORY_HELP)
 @click.option("--allow-unverified", is_flag=True, help="Serve a folder whose manifest.json says verified: false.")
 def main(folder, host, port, api_key, ctx, max_batch, max_queue, chunk, max_body, chat_template, device, act_terms,
-         threads, allow_unverified):
+         threads, gpu_memory, allow_unverified):
     """Serve a merged DeepSeek-V3 model over an OpenAI-compatible HTTP API."""
     import uvicorn
-    from runtime.chat import _fail
-    from runtime.load import ModelError
-    from runtime.engine import load_model
     try:
         template = chat_template.read_text(encoding="utf-8") if chat_template else None
     except (OSError, UnicodeDecodeError) as e:
         _fail(chat_template, f"cannot read the chat template ({e})")
-    try:
-        model = load_model(folder, device, threads, ctx, max_batch, allow_unverified, act_terms, chunk)
-    except ModelError as e:
-        _fail(folder, str(e))
+    model = load_model(folder, device, threads, ctx, allow_unverified, act_terms, slots=max_batch, chunk=chunk,
+                       gpu_memory=gpu_memory)
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, chat_template=template)
     server = Server(engine, Path(folder).name, api_key, max_body, generation_defaults(folder))
     engine.start()

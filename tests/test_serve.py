@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -72,11 +73,20 @@ def _chat(merged, *args, stdin=subprocess.DEVNULL) -> subprocess.Popen:
 def chat_cli(merged, tmp_path_factory):
     """`runtime.chat --temperature 0` on PROMPTS[0], and an interactive session fed a line that is not UTF-8, both
     started beside the server (all three mostly import time)."""
-    lines = tmp_path_factory.mktemp("chat") / "lines.txt"
+    tmp = tmp_path_factory.mktemp("chat")
+    lines = tmp / "lines.txt"
     lines.write_bytes(b"caf\xe9 au lait\nHello\n/exit\n")
+    unverified = tmp / "unverified"
+    shutil.copytree(merged, unverified, ignore=shutil.ignore_patterns(".pipeline"))
+    manifest = json.loads((unverified / "manifest.json").read_text())
+    (unverified / "manifest.json").write_text(json.dumps(dict(manifest, verified=False)))
     with open(lines, "rb") as typed:
         runs = {"prompt": _chat(merged, "--prompt", PROMPTS[0], "--max-new-tokens", "12"),
-                "bad-line": _chat(merged, "--max-new-tokens", "3", stdin=typed)}
+                "bad-line": _chat(merged, "--max-new-tokens", "3", stdin=typed),
+                "serve-unverified": subprocess.Popen(
+                    [sys.executable, "-m", "runtime.serve", "--model", str(unverified), "--port", str(_free_port())],
+                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)})}
     yield runs
     for p in runs.values():
         if p.poll() is None:
@@ -164,6 +174,14 @@ def test_chat_command_refuses_a_line_that_is_not_utf8_and_goes_on(chat_cli):
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and "not valid UTF-8" in errors[0], lines
     assert lines.index(errors[0]) < next(i for i, line in enumerate(lines) if "decode: 3 tokens" in line)
+
+
+def test_serve_refuses_an_unverified_folder_in_one_line(chat_cli):
+    p = chat_cli["serve-unverified"]
+    _, err = p.communicate(timeout=300)
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert "unverified" in lines[0] and "not verified (manifest.json verified: false)" in lines[0]
 
 
 def test_chat_streamed_equals_not_streamed(client, tok):
@@ -367,11 +385,29 @@ def test_reasoning_content_when_the_template_opens_think(client, tok):
 
 # ------------------------------------------------------------------------------------ the engine, in this process
 
-def test_long_prompt_is_prefilled_a_chunk_per_decode_step(merged):
+@pytest.fixture(scope="module")
+def model(merged):
+    return load_model(merged, device="cpu", ctx=256, slots=3, chunk=16)
+
+
+def test_tools_reach_a_template_that_does_not_read_them(model):
+    """The tiny model's own template (like DeepSeek-V3's and R1's) never reads `tools`: their definitions go into
+    the system prompt. A template that reads them gets them once, as it writes them."""
+    user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+    text = Engine(model).render(user, [WEATHER])
+    head, _, tail = text.partition("<｜User｜>")
+    assert head.startswith("<｜begin▁of▁sentence｜>Be brief.\n\n## Tools\n") and "### get_weather\n" in head
+    assert f"{CALLS_BEGIN}{CALL_BEGIN}function{TOOL_SEP}NAME\n```json" in head
+    assert tail == "Weather in Paris?<｜Assistant｜>"
+    own = Engine(model, chat_template=TEMPLATE.read_text()).render(user, [WEATHER])
+    assert own.count("### get_weather") == 1 and "To call tools" not in own
+    assert Engine(model).render(user) == Engine(model, chat_template=TEMPLATE.read_text()).render(user)
+
+
+def test_long_prompt_is_prefilled_a_chunk_per_decode_step(model):
     """A 150-token prompt arriving while another sequence decodes is prefilled 16 tokens a step (the model's
     chunk), and the decoding sequence gets its next token at every step meanwhile; both replies equal their replies
     alone. Then a prompt extending the long one copies its prefix from that slot."""
-    model = load_model(merged, device="cpu", ctx=256, slots=3, chunk=16)
     long_text = (ROOT / "tests" / "data" / "prose.txt").read_text()[:2000]
 
     def alone(prompt, n):

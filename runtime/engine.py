@@ -444,7 +444,7 @@ class Engine:
         template = self.chat_template or getattr(self.tok, "chat_template", None)
         if not template:
             raise RequestError("this model's tokenizer has no chat template")
-        if tools and "tools" not in template:
+        if tools and not _reads(template, "tools"):
             messages = _with_tool_system_prompt(messages, tools)
         try:
             return self.tok.apply_chat_template(messages, tools=tools or None, tokenize=False,
@@ -697,6 +697,16 @@ class Engine:
         with self.lock:
             return dict(self.stats, active=len(self.active), waiting=len(self.waiting), slots=len(self.slots),
                         max_batch=self.max_batch, cached_slots=sum(1 for s in self.slots if s.tokens and s.seq is None))
+
+
+def _reads(template: str, name: str) -> bool:
+    """Whether a Jinja template reads the variable `name`."""
+    import jinja2
+    import jinja2.meta
+    try:
+        return name in jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    except jinja2.TemplateError:
+        return name in template
 
 
 def _with_tool_system_prompt(messages: list[dict], tools: list[dict]) -> list[dict]:

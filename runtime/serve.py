@@ -10,7 +10,7 @@ GET /metrics (Prometheus text: requests, tokens, prefix-cache hits, queue). Bind
 otherwise; with --api-key every endpoint but /health needs `Authorization: Bearer KEY`.
 
 Requests. Sampling parameters as OpenAI's (temperature and top_p default to the folder's generation_config.json);
-max_tokens defaults to the context left. `usage.prompt_tokens_details.cached_tokens` counts the prompt tokens found
+max_tokens defaults to the context left, and is cut to it (finish_reason "length"). `usage.prompt_tokens_details.cached_tokens` counts the prompt tokens found
 in the prefix cache. Chat replies: text after R1's </think> (or all of it, when the chat template did not open a
 <think>) is `content`, the reasoning `reasoning_content`, as DeepSeek's API returns them; DeepSeek-V3 tool-call
 markup becomes `tool_calls` when the request has tools. `chat_template_kwargs` (an extra body field) goes to the

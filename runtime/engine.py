@@ -328,8 +328,8 @@ class Sampling:
     def check(self) -> "Sampling":
         if self.max_tokens is not None and self.max_tokens < 1:
             raise RequestError("max_tokens must be at least 1", "max_tokens")
-        if not 0 <= self.temperature <= 2:
-            raise RequestError("temperature must be between 0 and 2", "temperature")
+        if not self.temperature >= 0:
+            raise RequestError("temperature must be at least 0", "temperature")
         if not 0 < self.top_p <= 1:
             raise RequestError("top_p must be in (0, 1]", "top_p")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
@@ -483,7 +483,7 @@ class Engine:
                        Detokenizer(self.tok, self.hidden, sampling.stop, chat, reasoning, tools))
         seq.max_new = min(sampling.max_tokens or room, room)
         with self.lock:
-            if len(self.waiting) >= self.max_queue and len(self.active) >= self.max_batch:
+            if len(self.waiting) + len(self.active) >= self.max_batch + self.max_queue:
                 self.stats["rejected"] += 1
                 raise QueueFull(f"{len(self.active)} requests running and {len(self.waiting)} waiting: try again")
             self.waiting.append(seq)
@@ -521,8 +521,6 @@ class Engine:
 
     def _admit(self) -> None:
         with self.lock:
-            while self.waiting and self.waiting[0].cancelled:
-                self._finish(self.waiting.popleft(), "cancelled")
             while self.waiting and len(self.active) < self.max_batch:
                 seq = self.waiting.popleft()
                 if seq.cancelled:

@@ -118,6 +118,8 @@ def _common(body: Body, defaults: dict, max_tokens: int | None, logprobs: bool, 
     _unsupported(bool(body.presence_penalty) or bool(body.frequency_penalty), "presence_penalty",
                  "presence and frequency penalties are not supported")
     _unsupported(bool(body.logit_bias), "logit_bias", "logit_bias is not supported")
+    if body.temperature is not None and not 0 <= body.temperature <= 2:
+        raise OpenAIError(400, "temperature must be between 0 and 2", param="temperature")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return Sampling(max_tokens=max_tokens,
                     temperature=defaults.get("temperature", 1.0) if body.temperature is None else body.temperature,

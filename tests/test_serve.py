@@ -23,8 +23,8 @@ import openai
 import pytest
 
 from helpers import ROOT, pipeline
-from runtime.engine import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, TOOL_SEP, Detokenizer, Engine, Sampling,
-                            StopStrings, load_model, parse_tool_call)
+from runtime.engine import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, TOOL_SEP, Detokenizer, Engine, QueueFull,
+                            Sampling, StopStrings, load_model, parse_tool_call)
 
 KEY = "test-key"
 TEMPLATE = ROOT / "tests" / "data" / "deepseek-v3-chat.jinja"
@@ -402,6 +402,22 @@ def test_tools_reach_a_template_that_does_not_read_them(model):
     own = Engine(model, chat_template=TEMPLATE.read_text()).render(user, [WEATHER])
     assert own.count("### get_weather") == 1 and "To call tools" not in own
     assert Engine(model).render(user) == Engine(model, chat_template=TEMPLATE.read_text()).render(user)
+
+
+def test_queue_bound_counts_running_and_waiting(model):
+    """max_batch running + max_queue waiting, counted at submit time (before the scheduler admits anything); a
+    cancelled waiting request leaves the queue at the next step."""
+    e = Engine(model, max_batch=2, max_queue=1)
+    seqs = [e.submit([0, 3, 100 + i], Sampling(8, 0.0)) for i in range(3)]
+    with pytest.raises(QueueFull):
+        e.submit([0, 3, 200], Sampling(2, 0.0))
+    e.cancel(seqs[2])
+    e.step()
+    assert seqs[2].finish_reason == "cancelled" and len(e.active) == 2 and not e.waiting
+    e.submit([0, 3, 201], Sampling(2, 0.0))
+    while e.active or e.waiting:
+        e.step()
+    assert e.stats["finished"] == 3 and e.stats["cancelled"] == 1 and e.stats["rejected"] == 1
 
 
 def test_long_prompt_is_prefilled_a_chunk_per_decode_step(model):

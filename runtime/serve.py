@@ -390,14 +390,8 @@ class Server:
 
         def deltas(ev: Event) -> list[dict]:
             out = []
-            delta: dict = {}
-            if ev.reasoning:
-                delta["reasoning_content"] = ev.reasoning
-            if ev.content:
-                delta["content"] = ev.content
-            if ev.tool_calls:
-                delta["tool_calls"] = [dict(c, index=len(calls) + i) for i, c in enumerate(ev.tool_calls)]
-                calls.extend(ev.tool_calls)
+            delta = chat_delta(ev, len(calls))
+            calls.extend(ev.tool_calls)
             lps = {"content": self._chat_logprobs(ev.logprobs)} if body.logprobs and ev.logprobs else None
             if delta or lps:
                 out.append(dict(self._head(seq, "chat.completion.chunk"), choices=[
@@ -419,16 +413,9 @@ class Server:
                                 include_usage, final, "chat.completion.chunk")
 
         events = await self._collect(request, seq, q)
-        content = "".join(ev.content for ev in events)
-        reasoning = "".join(ev.reasoning for ev in events)
-        message: dict = {"role": "assistant", "content": content if content or not calls_of(events) else None}
-        if reasoning:
-            message["reasoning_content"] = reasoning
-        if calls_of(events):
-            message["tool_calls"] = calls_of(events)
         lps = [x for ev in events for x in ev.logprobs]
         return JSONResponse(dict(self._head(seq, "chat.completion"), choices=[
-            {"index": 0, "message": message, "logprobs": {"content": self._chat_logprobs(lps)} if body.logprobs
+            {"index": 0, "message": chat_message(events), "logprobs": {"content": self._chat_logprobs(lps)} if body.logprobs
              else None, "finish_reason": events[-1].finish_reason}], usage=usage(seq),
             system_fingerprint=f"dsv3-hybrid-{self.name}"))
 
@@ -487,8 +474,31 @@ class Server:
              "finish_reason": events[-1].finish_reason}], usage=usage(seq)))
 
 
-def calls_of(events: list[Event]) -> list[dict]:
-    return [c for ev in events for c in ev.tool_calls]
+def chat_delta(ev: Event, calls_before: int) -> dict:
+    """A streamed chat chunk's delta for one engine event: reasoning, content, and the tool calls it completed
+    (numbered on from the `calls_before` already sent)."""
+    delta: dict = {}
+    if ev.reasoning:
+        delta["reasoning_content"] = ev.reasoning
+    if ev.content:
+        delta["content"] = ev.content
+    if ev.tool_calls:
+        delta["tool_calls"] = [dict(c, index=calls_before + i) for i, c in enumerate(ev.tool_calls)]
+    return delta
+
+
+def chat_message(events: list[Event]) -> dict:
+    """The whole reply as one chat message: content (None when the reply is only tool calls), reasoning_content,
+    tool_calls."""
+    content = "".join(ev.content for ev in events)
+    reasoning = "".join(ev.reasoning for ev in events)
+    calls = [c for ev in events for c in ev.tool_calls]
+    message: dict = {"role": "assistant", "content": content if content or not calls else None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    return message
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI

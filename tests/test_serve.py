@@ -482,6 +482,34 @@ def test_parser_reads_tool_calls_the_model_writes(tok):
     assert replay(tok, "Hi " + cut, chat=True, tools=True)[:3] == ("Hi " + cut, "", [])
 
 
+def test_tool_calls_as_the_openai_client_reads_them(tok):
+    """A reply with reasoning, text and two tool calls, as the model would write it token by token, through the
+    engine's Detokenizer and the server's chunk and message builders, read back by the official client's types."""
+    from openai.types.chat import ChatCompletionChunk, ChatCompletionMessage
+    from runtime.serve import chat_delta, chat_message
+    reply = (f"plan first</think>Let me check. {CALLS_BEGIN}{CALL_BEGIN}function{TOOL_SEP}get_weather\n```json\n"
+             f"{{\"city\": \"Paris\"}}\n```{CALL_END}{CALL_BEGIN}function{TOOL_SEP}get_time\n```json\n{{}}\n```"
+             f"{CALL_END}{CALLS_END}")
+    d = Detokenizer(tok, set(tok.all_special_ids), chat=True, reasoning=True, tools=True)
+    events = [d.push(t) for t in tok(reply, add_special_tokens=False)["input_ids"]] + [d.finish()]
+    sent, text, reasoning, calls = 0, "", "", {}
+    for ev in events:
+        chunk = ChatCompletionChunk.model_validate({"id": "x", "object": "chat.completion.chunk", "created": 0,
+                                                    "model": "m", "choices": [{"index": 0, "delta": chat_delta(
+                                                        ev, sent), "finish_reason": None}]})
+        sent += len(ev.tool_calls)
+        delta = chunk.choices[0].delta
+        text += delta.content or ""
+        reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+        for c in delta.tool_calls or []:                    # as a client accumulates them, by index
+            calls.setdefault(c.index, [c.id, c.function.name, ""])[2] += c.function.arguments or ""
+    assert (text, reasoning) == ("Let me check. ", "plan first")
+    assert [(n, json.loads(a)) for _, n, a in calls.values()] == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    message = ChatCompletionMessage.model_validate(chat_message(events))
+    assert message.content == "Let me check. " and message.model_extra["reasoning_content"] == "plan first"
+    assert [(c.id, c.function.name) for c in message.tool_calls] == [(i, n) for i, n, _ in calls.values()]
+
+
 def test_parser_splits_reasoning(tok):
     assert replay(tok, "<think>\nsteps here\n</think>\n\nThe answer.", chat=True)[:2] == (
         "\n\nThe answer.", "\nsteps here\n")

@@ -10,10 +10,11 @@ GET /metrics (Prometheus text: requests, tokens, prefix-cache hits, queue). Bind
 otherwise; with --api-key every endpoint but /health needs `Authorization: Bearer KEY`.
 
 Requests. Sampling parameters as OpenAI's (temperature and top_p default to the folder's generation_config.json);
-max_tokens defaults to the context left, and is cut to it (finish_reason "length"). `usage.prompt_tokens_details.cached_tokens` counts the prompt tokens found
-in the prefix cache. Chat replies: text after R1's </think> (or all of it, when the chat template did not open a
-<think>) is `content`, the reasoning `reasoning_content`, as DeepSeek's API returns them; DeepSeek-V3 tool-call
-markup becomes `tool_calls` when the request has tools. `chat_template_kwargs` (an extra body field) goes to the
+max_tokens defaults to the context left, and is cut to it (finish_reason "length").
+`usage.prompt_tokens_details.cached_tokens` counts the prompt tokens found in the prefix cache. Chat replies: R1's
+reasoning (from <think>, or from the reply's start when the chat template opened the <think>, to </think>) is
+`reasoning_content`, the rest `content`, as DeepSeek's API returns them; DeepSeek-V3 tool-call markup becomes
+`tool_calls` when the request has tools. `chat_template_kwargs` (an extra body field) goes to the
 chat template (DeepSeek-V3.1's `thinking`, for one).
 
 Errors are OpenAI's error body with status 400 (a value this server does not support, such as n > 1; a prompt
@@ -409,14 +410,19 @@ class Server:
             first = dict(self._head(seq, "chat.completion.chunk"), choices=[
                 {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
                 **usage_null)
-            return self._stream(request, seq, q, lambda ev, _f=[first]: ([_f.pop()] if _f else []) + deltas(ev),
-                                include_usage, final, "chat.completion.chunk")
+            pending = [first]                      # the role chunk goes out with the first event
+
+            def chunks(ev: Event) -> list[dict]:
+                out = pending + deltas(ev)
+                pending.clear()
+                return out
+            return self._stream(request, seq, q, chunks, include_usage, final, "chat.completion.chunk")
 
         events = await self._collect(request, seq, q)
-        lps = [x for ev in events for x in ev.logprobs]
+        lps = {"content": self._chat_logprobs([x for ev in events for x in ev.logprobs])} if body.logprobs else None
         return JSONResponse(dict(self._head(seq, "chat.completion"), choices=[
-            {"index": 0, "message": chat_message(events), "logprobs": {"content": self._chat_logprobs(lps)} if body.logprobs
-             else None, "finish_reason": events[-1].finish_reason}], usage=usage(seq),
+            {"index": 0, "message": chat_message(events), "logprobs": lps,
+             "finish_reason": events[-1].finish_reason}], usage=usage(seq),
             system_fingerprint=f"dsv3-hybrid-{self.name}"))
 
     async def completions(self, request: Request) -> Response:

@@ -208,6 +208,10 @@ class Server:
         async def openai_error(request: Request, e: OpenAIError):
             return e.response()
 
+        @app.exception_handler(RequestError)
+        async def request_error(request: Request, e: RequestError):
+            return OpenAIError(400, str(e), param=e.param, code=e.code).response()
+
         @app.exception_handler(404)
         async def not_found(request: Request, e):
             return OpenAIError(404, f"no such endpoint: {request.method} {request.url.path}",

@@ -4,10 +4,13 @@
     python pipeline.py run                 # the embedded tiny model -> out/tiny-deepseek-v3/
     python pipeline.py run --manifest manifests/deepseek-v3.yaml --out /data/dsv3-hybrid
     python pipeline.py status
+    python pipeline.py verify                    # read and check the merged folder as it is, against the sources
+    python pipeline.py verify --folder DIR       # a folder alone: every tensor against its manifest.json checksum
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,10 +19,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from stages import STAGES
-from stages.dag import Context, all_status, run_stages
+from stages.dag import Context, all_status, run_explicit, run_stages
 from stages.errors import PipelineError
 from stages.manifest import load_manifest
-from stages.verify import junit_xml
+from stages.verify import check_folder, junit_xml
 from stages.ui import console
 
 ROOT = Path(__file__).resolve().parent
@@ -31,9 +34,10 @@ def make_context(manifest_path, out, keep_mtp=None, bwlimit=None, scheduler=None
     m = load_manifest(Path(manifest_path), {s.name: s.options for s in STAGES})
     out_dir = Path(out).resolve() if out else (m.output or ROOT / "out" / m.name)
     verify = dict(m.stage_options.get("verify", {}))
-    verify.update({k: v for k, v in (("scheduler", scheduler), ("workers", workers)) if v})
+    verify.update({k: v for k, v in (("scheduler", scheduler), ("workers", workers)) if v is not None})
     return Context(manifest=m, out=out_dir, keep_mtp=m.keep_mtp if keep_mtp is None else keep_mtp,
-                   bwlimit=bwlimit or m.stage_options.get("write", {}).get("bwlimit"), verify=verify)
+                   bwlimit=bwlimit if bwlimit is not None else m.stage_options.get("write", {}).get("bwlimit"),
+                   verify=verify)
 
 
 def main_guard(fn):
@@ -76,7 +80,8 @@ def cli():
 @click.option("--force", is_flag=True, help="Redo the selected stages even if their inputs are unchanged.")
 @click.option("--keep-mtp/--no-keep-mtp", default=None, help="Keep the MTP layer (default: the manifest's keep_mtp, "
                                                              "else skipped).")
-@click.option("--bwlimit", type=float, metavar="MB/S", help="Cap the write rate, leaving disk bandwidth to others.")
+@click.option("--bwlimit", type=click.FloatRange(min=0, min_open=True), metavar="MB/S",
+              help="Cap the write rate, leaving disk bandwidth to others.")
 @scheduler_option
 @workers_option
 @json_option
@@ -95,32 +100,53 @@ def run(manifest_path, out, start, only, force, keep_mtp, bwlimit, scheduler, wo
 @cli.command()
 @manifest_option
 @out_option
-@click.option("--force", is_flag=True, help="Verify again even if nothing changed since the last verify.")
+@click.option("--folder", type=click.Path(file_okay=False), help="Check this folder alone, without its sources: "
+              "every tensor against manifest.json's xxh3_128 (parity NOT checked), or, for a seed-format folder, "
+              "that it is complete (content NOT checked). Reads only.")
+@click.option("--force", is_flag=True, help="Start over: do not resume an interrupted verify.")
 @scheduler_option
 @workers_option
-@click.option("--junit", type=click.Path(dir_okay=False), help="Write a JUnit XML report (one testcase per tensor).")
+@click.option("--junit", type=click.Path(dir_okay=False), help="Write a JUnit XML report (one testcase per tensor "
+                                                                "and per file).")
 @json_option
 @main_guard
-def verify(manifest_path, out, force, scheduler, workers, junit, as_json):
-    """Verify the merged folder tensor by tensor (the verify stage on its own).
+def verify(manifest_path, out, folder, force, scheduler, workers, junit, as_json):
+    """Read and check the merged folder as it is, tensor by tensor, against both sources (or --folder alone).
 
-    Exit status: 0 every tensor passed, 1 some failed, 2 could not run."""
-    ctx = make_context(manifest_path, out, scheduler=scheduler, workers=workers)
-    failure = None
+    Always reads: a folder that changed, was copied or was damaged is checked, whatever the other stages' state.
+    Exit status: 0 every tensor passed, 1 some failed (manifest.json says verified: false), 2 could not run."""
+    if junit:
+        check_writable(Path(junit))                     # before an hour of verify, not after
+    failure, report = None, None
     try:
-        run_stages(ctx, STAGES, only="verify", force=force)
+        if folder:
+            report = check_folder(Path(folder), scheduler, workers)
+        else:
+            ctx = make_context(manifest_path, out, scheduler=scheduler, workers=workers)
+            run_explicit(ctx, STAGES, "verify", force=force)
     except PipelineError as e:
         if not hasattr(e, "exit_code"):
             raise
-        failure = e
-    report_path = ctx.out / "verify.json"
-    report = json.loads(report_path.read_text())
-    if junit:
-        Path(junit).write_text(junit_xml(report))
-    if as_json:
-        print(json.dumps({k: report[k] for k in ("verdict", "summary", "failed")}))
+        failure, report = e, getattr(e, "report", None)
+    if report is None and not folder and (ctx.out / "verify.json").exists():
+        report = json.loads((ctx.out / "verify.json").read_text())
+    if report is not None:
+        if junit:
+            try:
+                Path(junit).write_text(junit_xml(report))
+            except OSError as e:
+                raise PipelineError(f"{junit}: cannot write the JUnit report ({e.strerror})") from None
+        if as_json:
+            print(json.dumps({k: report[k] for k in ("verdict", "summary", "failed")}))
     if failure:
         raise failure
+
+
+def check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK) or \
+            (path.exists() and not os.access(path, os.W_OK)):
+        raise PipelineError(f"{path}: cannot write the JUnit report there")
 
 
 @cli.command()

@@ -4,7 +4,7 @@
    llama-quantize) or gguf.quants.quantize, dequantize, compare with the float64 original. Also DeepSeek's FP8
    (e4m3, 128x128 block scales).
 2. The fixture: llama-quantize's real output against the FP8 checkpoint of the same weights.
-Prints a table; stages/verify.py's OWN_ERROR / FP8_ERROR hold these numbers.
+Prints a table; stages/ggml_types.py holds these numbers (own_error, FP8_ERROR).
 """
 import ctypes
 import sys

@@ -582,14 +582,19 @@ class Streamer:
             return out
         maps = torch.from_numpy(np.stack([local_map(layer.n_experts, b) for b in batches])).to(x.device)
         compute = torch.cuda.current_stream(x.device)
+        direct = all(host_registered(m.data) for m in layer._mats)
         for j, batch in enumerate(batches):
             s = self.slots[j % 2]
-            s["copied"].synchronize()                      # the pinned slot's previous upload is done
-            views = self._fill(layer, batch, s)
+            if not direct:
+                s["copied"].synchronize()                  # the pinned slot's previous upload is done
+                views = self._fill(layer, batch, s)
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(s["used"])     # the GPU slot's previous batch has been computed
-                n = sum(v.numel() for v in views)
-                s["dev"][:n].copy_(s["host"][:n], non_blocking=True)
+                if direct:                                 # page-locked memory map -> GPU, no staging copy
+                    views = self._upload(layer, batch, s)
+                else:
+                    n = sum(v.numel() for v in views)
+                    s["dev"][:n].copy_(s["host"][:n], non_blocking=True)
                 s["copied"].record(self.copy_stream)
             compute.wait_event(s["copied"])
             stacks = [gg.GpuStack(v, m.ggml_type, m.shape[1], m.shape[2]) for v, m in zip(views, layer._mats)]
@@ -597,20 +602,104 @@ class Streamer:
             s["used"].record(compute)
         return out
 
-    def _fill(self, layer: LayerExperts, batch: np.ndarray, slot: dict) -> list[torch.Tensor]:
-        """Copy the batch's experts' bytes from the memmap into the slot's pinned buffer (threads; numpy's copy
-        releases the GIL); return the GPU slot's views, one (n, rows, row_bytes) stack per matrix."""
-        host, dev = slot["host"].numpy(), slot["dev"]
-        jobs, views, at = [], [], 0
+    @staticmethod
+    def _layout(layer: LayerExperts, batch: np.ndarray, slot: dict):
+        """(matrix, its bytes per expert, where its stack starts in the slot, the GPU slot's view of it) per
+        matrix: the batch's experts' blocks, stack after stack."""
+        dev, at, out = slot["dev"], 0, []
         for m in layer._mats:
             E, rows, _ = m.shape
             size = m.data.size // E
-            for j, e in enumerate(batch):
-                jobs.append((host[at + j * size:at + (j + 1) * size], m.data[e * size:(e + 1) * size]))
-            views.append(dev[at:at + len(batch) * size].view(len(batch), rows, size // rows))
+            out.append((m, size, at, dev[at:at + len(batch) * size].view(len(batch), rows, size // rows)))
             at += len(batch) * size
+        return out
+
+    def _upload(self, layer: LayerExperts, batch: np.ndarray, slot: dict) -> list[torch.Tensor]:
+        """Queue the batch's experts straight from the page-locked memory map into the GPU slot (on the current
+        stream), one copy per run of consecutive expert ids; return the slot's views."""
+        views = []
+        for m, size, at, view in self._layout(layer, batch, slot):
+            src = _host_tensor(m.data)
+            j = 0
+            while j < len(batch):
+                k = j
+                while k + 1 < len(batch) and batch[k + 1] == batch[k] + 1:
+                    k += 1
+                e0 = int(batch[j])
+                slot["dev"][at + j * size:at + (k + 1) * size].copy_(
+                    src[e0 * size:(int(batch[k]) + 1) * size], non_blocking=True)
+                j = k + 1
+            views.append(view)
+        return views
+
+    def _fill(self, layer: LayerExperts, batch: np.ndarray, slot: dict) -> list[torch.Tensor]:
+        """Copy the batch's experts' bytes from the memmap into the slot's pinned buffer (threads; numpy's copy
+        releases the GIL); return the GPU slot's views, one (n, rows, row_bytes) stack per matrix."""
+        host = slot["host"].numpy()
+        jobs, views = [], []
+        for m, size, at, view in self._layout(layer, batch, slot):
+            for j, e in enumerate(batch):
+                e = int(e)                                 # numpy int32 * size would overflow past 2 GiB
+                jobs.append((host[at + j * size:at + (j + 1) * size], m.data[e * size:(e + 1) * size]))
+            views.append(view)
         list(self.pool.map(lambda job: np.copyto(*job), jobs))
         return views
+
+
+# The folder's memory map, page-locked for the GPU's DMA engines (cudaHostRegister, read-only): streamed experts
+# then cross at the PCIe rate straight from the page cache, instead of through a pinned staging copy that the
+# CPU's memory bandwidth caps below it. Each mapping (a shard file) is registered once, whole, on first use; the
+# pages stay resident. Where the driver refuses (no read-only registration, a memlock limit) the staging path
+# runs, with one note. DSV3_NO_HOST_REGISTER=1 keeps the staging path.
+_HOST_REGISTER_READ_ONLY = 8
+_registered: dict[int, bool] = {}
+
+
+def _mapping(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _cudart():
+    import ctypes
+    for line in open("/proc/self/maps"):
+        if "libcudart.so" in line:
+            return ctypes.CDLL(line.split()[-1])
+    return None
+
+
+def host_registered(a: np.ndarray) -> bool:
+    """Whether the memory map under `a` is page-locked for the GPU (registering it on first use)."""
+    root = _mapping(a)
+    key = root.ctypes.data
+    if key not in _registered:
+        ok, why = False, "DSV3_NO_HOST_REGISTER is set"
+        if not os.environ.get("DSV3_NO_HOST_REGISTER"):
+            import ctypes
+            rt = _cudart()
+            why = "libcudart is not loaded"
+            if rt is not None:
+                err = rt.cudaHostRegister(ctypes.c_void_p(key), ctypes.c_size_t(root.nbytes),
+                                          ctypes.c_uint(_HOST_REGISTER_READ_ONLY))
+                ok = err == 0
+                if not ok:
+                    rt.cudaGetLastError()              # not sticky: clear it, or torch's next check reports it
+                    why = f"cudaHostRegister failed (error {err})"
+        if not ok and not any(v is False for v in _registered.values()):
+            print(f"note: the model's memory map cannot be page-locked for the GPU ({why}); streamed experts go "
+                  "through a pinned staging copy", file=sys.stderr)
+        _registered[key] = ok
+    return _registered[key]
+
+
+def _host_tensor(a: np.ndarray) -> torch.Tensor:
+    """A flat uint8 CPU tensor over a read-only memory-mapped array, without a copy (torch warns about writability;
+    nothing writes to it)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.from_numpy(a.reshape(-1))
 
 
 # ============================================================================================ a model's placement

@@ -23,9 +23,8 @@ and a decode step's single token (`use_decode_kernel`) takes fp8_hopper's one-la
 while its weight tiles stream in (no act_quant launch).
 Measurements and the goals they meet or miss: BENCHMARKS.md.
 
-Rounding to e4m3 is done by hand (`_round_e4m3`: ties to even, saturating), so the final cast is exact. The GPU's own
-cast gives the same bits; Triton's CPU interpreter (TRITON_INTERPRET=1, used by the tests on machines without a GPU)
-does not round casts correctly.
+x is quantized by runtime/fp8_quant.py's helpers (shared with fp8_hopper, which this module imports, never the
+reverse).
 """
 from __future__ import annotations
 
@@ -38,31 +37,17 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.fp8_quant import _quantize, act_quant_reference, fake_act_quant
+
 try:                             # Gluon's Hopper API is experimental: without it, every M runs the Triton kernel
     from runtime import fp8_hopper
-except (ImportError, AttributeError):
-    fp8_hopper = None
+    _hopper_import_error = None
+except (ImportError, AttributeError) as e:
+    fp8_hopper, _hopper_import_error = None, e
 
 GROUP = 128                      # quantization group of x along K, and W's tile edge
 WORKSPACE_FLOATS = 8 << 20       # split-K partials, per device: 32 MiB
 LOCKS = 1 << 16                  # one counter per output tile of a split-K launch
-
-
-@triton.jit
-def _round_e4m3(v):
-    """fp32 in [-448, 448] -> the nearest e4m3 value (ties to even), as fp32: exact to cast afterwards."""
-    bits = v.to(tl.uint32, bitcast=True)
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)  # 3 mantissa bits
-    tiny = (tl.abs(v) + 24576.0) - 24576.0                           # below 2^-6 the step is 2^-9
-    tiny = (tiny.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)   # keep the sign
-    return tl.where(tl.abs(v) < 0.015625, tiny, normal)
-
-
-@triton.jit
-def _quantize(x):
-    """x fp32 (R, 128) -> (e4m3 values as fp32 (R, 128), scales fp32 (R,)), one scale per row."""
-    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4), 448.0)
-    return _round_e4m3(tl.clamp(tl.math.div_rn(x, s[:, None]), -448.0, 448.0)), s
 
 
 @triton.jit
@@ -245,6 +230,20 @@ def hopper_tile(M: int, N: int, terms: int, sms: int) -> tuple[int, int]:
 _hopper_built: set = set()
 
 
+def hopper_ready(device: torch.device) -> bool:
+    """Whether fp8_hopper's kernels serve `device` (sm_90). On an sm_90 whose fp8_hopper failed to import (or to
+    build), says so once: the Triton kernels run instead, slower."""
+    global _hopper_import_error
+    if fp8_hopper is not None:
+        return fp8_hopper.supported(device)
+    sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    if _hopper_import_error is not None and sm90:
+        e, _hopper_import_error = _hopper_import_error, None
+        warnings.warn(f"runtime.fp8: runtime.fp8_hopper does not import with Triton {triton.__version__} "
+                      f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); using the Triton kernels")
+    return False
+
+
 def _hopper_call(variant: tuple, call) -> bool:
     """Run a kernel of fp8_hopper; False if its first build fails. Gluon's API still changes between Triton releases
     (it was written for 3.6), and a Triton that no longer builds it should cost speed, not the run. `variant`: what
@@ -309,7 +308,7 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: t
     if M == 0:
         return out
     if (cfg is None and use_hopper_kernel(M, N, K, terms) and a.is_contiguous() and w.is_contiguous()
-            and fp8_hopper and fp8_hopper.supported(a.device) and _hopper_gemm(a, a_scale, w, w_scale, out, terms)):
+            and hopper_ready(a.device) and _hopper_gemm(a, a_scale, w, w_scale, out, terms)):
         return out
     cfg = cfg or config_for(MA, N, K)
     part, locks = _workspace(a.device) if cfg.SPLIT > 1 else (out, out)
@@ -333,8 +332,8 @@ def use_decode_kernel(x: torch.Tensor, w: torch.Tensor, terms: int) -> bool:
     against 1.64x with two; it loses from 4 rows: BENCHMARKS.md); W as TMA reads it (contiguous, 16-byte aligned, K
     a multiple of 16), and a split-K that fits the shared workspace."""
     M, (N, K) = x.shape[0], w.shape
-    if not (fp8_hopper and 0 < M * terms <= DECODE_ROWS and K % 16 == 0 and w.is_contiguous()
-            and w.data_ptr() % 16 == 0 and fp8_hopper.supported(x.device)):
+    if not (0 < M * terms <= DECODE_ROWS and K % 16 == 0 and w.is_contiguous() and w.data_ptr() % 16 == 0
+            and hopper_ready(x.device)):
         return False
     *_, split = fp8_hopper.decode_variant(M, N, K, x.device)
     return split * M * N <= WORKSPACE_FLOATS and triton.cdiv(N, 64) <= LOCKS
@@ -366,10 +365,8 @@ def dequantize_weight(w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
 
 def reference_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, terms: int = 1) -> torch.Tensor:
     """float64 reference on the dequantized operands: x quantized as the kernels do (torch ops), W tile-scaled."""
-    from runtime.model import fake_act_quant
     return fake_act_quant(x, terms, torch.float64) @ dequantize_weight(w, w_scale).T
 
 
 def reference_act_quant(x: torch.Tensor, terms: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    from runtime.model import act_quant_reference
     return act_quant_reference(x, terms)

@@ -39,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from runtime import fp8                # its _quantize (x quantized as act_quant does); fp8 imports this module
+from runtime.fp8_quant import _quantize     # x quantized as act_quant does (runtime.fp8 imports this module)
 
 
 @gluon.jit
@@ -261,7 +261,7 @@ def _decode_kernel(x_ptr, w_desc, ws_ptr, c_ptr, part_ptr, lock_ptr, M, N, K, n_
     """The whole linear for a few tokens (M <= MQ): program (n, k) takes 64 weight rows x GROUPS 128-K groups.
 
     Its weight tiles stream through a ring of STAGES TMA loads (all of them at once where STAGES = GROUPS), and x is
-    quantized (fp8._quantize, as act_quant) while the first are in flight. The quantized x of all its groups and
+    quantized (fp8_quant._quantize, as act_quant) while the first are in flight. The quantized x of all its groups and
     terms is one wgmma B operand: per term a block of RT >= GROUPS * MQ rows (a power of two, 8 at least), row
     j*MQ + m holding token m's group j (rows past that are zeros). wgmma's N is at least 8, so for one token a row
     per group costs no more tensor-core work than one group padded to 8 rows, the 128 threads quantize GROUPS groups
@@ -293,7 +293,7 @@ def _decode_kernel(x_ptr, w_desc, ws_ptr, c_ptr, part_ptr, lock_ptr, M, N, K, n_
     sx = gl.allocate_shared_memory(gl.float32, [RB], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     x = x.to(gl.float32)
     for t in gl.static_range(TERMS):
-        q, s = fp8._quantize(x)
+        q, s = _quantize(x)
         xq.slice(t * RT, RT).store(q.to(gl.float8e4nv))
         sx.slice(t * RT, RT).store(s * sw)
         x = x - q * s[:, None]              # what this term missed (launched without FMA contraction: as act_quant)

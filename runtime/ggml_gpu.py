@@ -38,12 +38,14 @@ _LAYOUT = {Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210), Q8_0: (32, 34),
 SUPPORTED: frozenset[int] = frozenset(_LAYOUT)
 NAMES = {Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", Q8_0: "Q8_0", Q5_0: "Q5_0"}
 
-DECODE_MAX_TOKENS = 16      # moe(): up to this many tokens take the GEMV path, more the grouped GEMM
+DECODE_MAX_TOKENS = 8       # moe(): up to this many tokens take the GEMV path, more the grouped GEMM (the
+                            # crossover benchmarks/ggml_gpu.py measured on the H200 lies between 8 and 16)
 # Tile shapes, per device kind. GEMV: (weight rows per program, 32-value groups per K step, warps); GEMM: (pairs per
 # tile, weight rows per tile, 32-value groups per K step, warps). Triton's CPU interpreter runs every program in
 # Python, op by op: there, few large programs (same kernels, same results).
 GEMV = {"cuda": (8, 8, 4), "cpu": (256, 8, 1)}
 GEMM = {"cuda": (64, 64, 2, 4), "cpu": (64, 256, 8, 1)}
+GEMM_LARGE = (128, 128, 2, 8), 4096     # from this many tokens on the GPU (measured: 1.23x the default at 8192)
 DEQ_ROWS, DEQ_GROUPS = 16, 8
 
 
@@ -366,7 +368,7 @@ def _moe_gemm(x, ids, weights, local, gate, up, down):
     T, k = ids.shape
     inter, hidden = gate.rows, gate.cols
     n_local = gate.data.shape[0]
-    BM, BN, G, warps = GEMM[x.device.type]
+    BM, BN, G, warps = GEMM_LARGE[0] if x.is_cuda and T >= GEMM_LARGE[1] else GEMM[x.device.type]
     interpreted = x.device.type != "cuda"          # Triton's CPU interpreter: see _dot and _bf16
     order, tile_e, tile_start, tile_stop, n_tiles = _schedule(ids, local, n_local, BM)
     h = torch.empty((T * k, inter), dtype=torch.bfloat16, device=x.device)   # rows in sorted-pair order

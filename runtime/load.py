@@ -1,7 +1,9 @@
 """Open a merged model folder (docs/FORMAT.md) without copying it: manifest, config, memory-mapped tensors.
 
 Also opens folders merged by the seed system's script (no manifest.json: GGUF-style keys, U8 + `.ggml_type`);
-their logical shapes then come from config.json.
+their logical shapes then come from config.json. Those have no checksums, nor has a merged folder whose
+manifest.json is gone: both open only with allow_unverified. Every path read from manifest.json must stay inside
+the folder; config.json, the tokenizer files and the chat template are checked against manifest.json's `files`.
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ import numpy as np
 
 FORMAT, FORMAT_VERSION = "dsv3-hybrid", 1
 SAMPLE_BYTES = 64 << 20          # bytes re-hashed on open: all small tensors plus a rotating sample of big ones
+AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "added_tokens.json", "vocab.json",
+             "merges.txt", "model.safetensors.index.json")   # what the runtime or its tokenizer may read
 NP_DTYPE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F8_E4M3": np.uint8, "U8": np.uint8,
             "I64": np.int64}
 
@@ -65,11 +70,21 @@ def load(path, allow_unverified: bool = False, check: bool = True) -> Folder:
         raise ModelError(f"{path}: no such model folder")
     manifest_path = path / "manifest.json"
     if manifest_path.exists():
-        folder = _from_manifest(path, json.loads(manifest_path.read_text()))
+        try:
+            m = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelError(f"{manifest_path}: not valid JSON") from None
+        folder = _from_manifest(path, m)
         if not folder.verified and not allow_unverified:
             raise ModelError(f"{path}: not verified (manifest.json verified: false); run `python pipeline.py verify` "
                              "on it first, or pass --allow-unverified")
-    elif list(path.glob("*.safetensors")):
+    elif list(path.rglob("*.safetensors")):
+        if not allow_unverified:
+            if _merged_by_pipeline(path):
+                raise ModelError(f"{path}: manifest.json is missing (the folder was merged by the pipeline, but its "
+                                 "checksums are gone); serve it anyway with --allow-unverified")
+            raise ModelError(f"{path}: no manifest.json (a seed-format folder: no checksums, nothing verified); "
+                             "check it with `python pipeline.py verify --folder`, then pass --allow-unverified")
         folder = _from_seed_folder(path)
     else:
         raise ModelError(f"{path}: not a model folder (no manifest.json and no .safetensors files)")
@@ -78,21 +93,76 @@ def load(path, allow_unverified: bool = False, check: bool = True) -> Folder:
     return folder
 
 
+def _merged_by_pipeline(path: Path) -> bool:
+    try:
+        return json.loads((path / "model.safetensors.index.json").read_text())["metadata"]["format"] == FORMAT
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _inside(path: Path, rel, what: str) -> Path:
+    """path / rel for a name read from manifest.json, refusing one that leads out of the folder."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise ModelError(f"{path}/manifest.json: {what} {rel!r} leads outside the folder; refused")
+    return path / rel
+
+
 def _from_manifest(path: Path, m: dict) -> Folder:
-    if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+        m = m if isinstance(m, dict) else {}
         raise ModelError(f"{path}/manifest.json: format {m.get('format')} v{m.get('format_version')}, this runtime "
                          f"reads {FORMAT} v{FORMAT_VERSION}")
-    tensors = {n: TensorInfo(e["shard"], e["offsets"][0], e["offsets"][1], e["dtype"], tuple(e["shape"]),
-                             tuple(e["logical_shape"]) if "logical_shape" in e else None, e.get("ggml_type_id"),
-                             e.get(m.get("checksum", "xxh3_128")))
-               for n, e in m["tensors"].items()}
-    for s in m["shards"]:
-        p = path / s["file"]
+    try:
+        tensors = {n: TensorInfo(e["shard"], int(e["offsets"][0]), int(e["offsets"][1]), e["dtype"], tuple(e["shape"]),
+                                 tuple(e["logical_shape"]) if "logical_shape" in e else None, e.get("ggml_type_id"),
+                                 e.get(m.get("checksum", "xxh3_128")))
+                   for n, e in m["tensors"].items()}
+        shards = [(s["file"], int(s["size"])) for s in m["shards"]]
+        config = dict(m["model"]["config"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        raise ModelError(f"{path}/manifest.json: malformed (tensors, shards, model.config)") from None
+    listed = {f for f, _ in shards}
+    for name, t in tensors.items():
+        _inside(path, t.shard, f"tensor {name}: shard")
+        if t.shard not in listed or not 0 <= t.begin <= t.end:
+            raise ModelError(f"{path}/manifest.json: tensor {name}: shard {t.shard} / offsets do not add up")
+    for file, size in shards:
+        p = _inside(path, file, "shard")
         if not p.exists():
             raise ModelError(f"{p}: shard missing")
-        if p.stat().st_size != s["size"]:
-            raise ModelError(f"{p}: {p.stat().st_size} bytes, manifest.json says {s['size']} (truncated or changed)")
-    return Folder(path, m["model"]["config"], tensors, bool(m.get("verified")), m)
+        if p.stat().st_size != size:
+            raise ModelError(f"{p}: {p.stat().st_size} bytes, manifest.json says {size} (truncated or changed)")
+    sizes = dict(shards)
+    for name, t in tensors.items():
+        if t.end > sizes[t.shard]:
+            raise ModelError(f"{path / t.shard}: tensor {name} ends at byte {t.end}, past the end of the shard")
+    _check_files(path, m)
+    return Folder(path, config, tensors, bool(m.get("verified")), m)
+
+
+def _check_files(path: Path, m: dict) -> None:
+    """config, tokenizer, template and index against manifest.json's `files` (small: all of them, on every open).
+    A folder written before `files` existed has none to check; one that has them may not gain new ones."""
+    import xxhash
+    files = m.get("files")
+    if files is None:
+        return
+    if not isinstance(files, dict):
+        raise ModelError(f"{path}/manifest.json: 'files' is not a mapping")
+    for rel, f in files.items():
+        p = _inside(path, rel, "file")
+        try:
+            data = p.read_bytes()
+        except OSError:
+            raise ModelError(f"{p}: missing (manifest.json lists it)") from None
+        if not isinstance(f, dict) or len(data) != f.get("size") or \
+                xxhash.xxh3_128_hexdigest(data) != f.get(m.get("checksum", "xxh3_128")):
+            raise ModelError(f"{p}: does not match its checksum in manifest.json (the file was changed); "
+                             "run `python pipeline.py verify`")
+    for rel in AUX_FILES:
+        if rel not in files and (path / rel).exists():
+            raise ModelError(f"{path / rel}: not covered by manifest.json's checksums (added after the folder was "
+                             "written); remove it or merge again")
 
 
 def _from_seed_folder(path: Path) -> Folder:
@@ -103,16 +173,23 @@ def _from_seed_folder(path: Path) -> Folder:
     tensors = {}
     for shard in sorted(path.rglob("*.safetensors")):       # the seed loader scans recursively too
         size = shard.stat().st_size
-        with open(shard, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, e in header.items():
-            if name == "__metadata__":
-                continue
-            b, end = (8 + n + o for o in e["data_offsets"])
+        try:
+            with open(shard, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise ValueError
+                header = json.loads(f.read(n))
+            entries = [(name, e["dtype"], [int(d) for d in e["shape"]], [8 + n + int(o) for o in e["data_offsets"]])
+                       for name, e in header.items() if name != "__metadata__"]
+            if not all(dt in NP_DTYPE and all(type(x) is int for x in header[nm]["data_offsets"] + header[nm]["shape"])
+                       and len(o) == 2 and 8 + n <= o[0] <= o[1] for nm, dt, _, o in entries):
+                raise ValueError
+        except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError):
+            raise ModelError(f"{shard}: not a safetensors file this runtime can read (malformed header)") from None
+        for name, dtype, shape, (b, end) in entries:
             if end > size:
                 raise ModelError(f"{shard}: truncated: tensor {name} ends at byte {end}, file has {size}")
-            tensors[name] = TensorInfo(str(shard.relative_to(path)), b, end, e["dtype"], tuple(e["shape"]))
+            tensors[name] = TensorInfo(str(shard.relative_to(path)), b, end, dtype, tuple(shape))
     folder = Folder(path, config, tensors, verified=False)
     for name, t in tensors.items():                         # logical shapes of GGML tensors from config.json
         if name.endswith(".ggml_type"):

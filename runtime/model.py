@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from runtime.attention import mla_attend
 from runtime.experts import LayerExperts, setup_gpu
+from runtime.fp8_quant import act_quant_reference, fake_act_quant  # noqa: F401  (FP8 numerics on the CPU)
 from runtime.load import Folder, ModelError, bf16, fp8_dequant
 
 
@@ -82,31 +83,6 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     z = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     shape = (freqs.shape[0],) + (1,) * (z.dim() - 2) + (freqs.shape[1],)
     return torch.view_as_real(z * freqs.view(shape)).flatten(-2)
-
-
-def act_quant_reference(x: torch.Tensor, terms: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek's activation quantization in torch ops: per token, per 128 group of the last axis, scale =
-    max(amax, 1e-4) / 448, e4m3(clamp(x / scale)). With terms=2 the float32 remainder x - q*scale is quantized the
-    same way again. Returns (e4m3 codes (..., terms * T, K) with token t's terms in rows terms*t.., float32 scales
-    (..., terms * T, ceil(K/128))) for x (..., T, K)."""
-    K = x.shape[-1]
-    g = F.pad(x.float(), (0, -K % 128)).unflatten(-1, (-1, 128))
-    codes, scales = [], []
-    for _ in range(terms):
-        s = g.abs().amax(-1).clamp_min(1e-4) / 448.0
-        q = (g / s[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-        codes.append(q.flatten(-2)[..., :K])
-        scales.append(s)
-        g = g - q.float() * s[..., None]
-    return torch.stack(codes, -2).flatten(-3, -2), torch.stack(scales, -2).flatten(-3, -2)
-
-
-def fake_act_quant(x: torch.Tensor, terms: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """x rounded as the FP8 kernels round it (the sum of its terms), in `dtype`: the GPU path's activation numerics
-    on the CPU."""
-    q, s = act_quant_reference(x, terms)
-    terms_x = q.to(dtype) * s.to(dtype).repeat_interleave(128, -1)[..., :x.shape[-1]]
-    return terms_x.unflatten(-2, (-1, terms)).sum(-2)
 
 
 class Linear:

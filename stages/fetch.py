@@ -7,6 +7,7 @@ hash (local) or the hub commit it came from (repo), so downstream stages rerun o
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from .dag import Context, Result, Stage
 from .errors import PipelineError
 from .formats import check_split_set, gguf_sets
-from .fsio import hash_file, read_json, write_json
+from .fsio import hash_file, inside, read_json, write_json
 from .manifest import Source
 from .ui import byte_progress, console
 
@@ -22,7 +23,8 @@ VERSION = 1
 RESULT = ".pipeline/sources.json"
 HASH_CACHE = ".pipeline/hash-cache.json"
 FP8_PATTERNS = ["config.json", "generation_config.json", "model.safetensors.index.json", "*.safetensors",
-                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt"]
 DOWNLOAD_ATTEMPTS = 3
 
 
@@ -31,6 +33,7 @@ DOWNLOAD_ATTEMPTS = 3
 def fp8_files(src: Source, root: Path) -> list[str]:
     """Relative names of the checkpoint files to use, after checking the folder looks like an HF checkpoint."""
     where = f"sources.fp8 ({root})"
+    _no_loop(root, where)
     if root.is_file():
         kind = "a GGUF file" if root.suffix == ".gguf" else "a file"
         raise PipelineError(f"{where}: is {kind}; sources.fp8 wants the FP8 checkpoint folder (config.json + shards)")
@@ -46,6 +49,8 @@ def fp8_files(src: Source, root: Path) -> list[str]:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise PipelineError(f"{index}: not a safetensors index (no weight_map)") from None
+        for s in shards:
+            inside(root, s, f"{index}: weight_map")
         missing = [s for s in shards if not (root / s).is_file()]
         if missing:
             raise PipelineError(f"{index}: names shard {missing[0]}, which is missing"
@@ -62,6 +67,7 @@ def fp8_files(src: Source, root: Path) -> list[str]:
 def gguf_files(src: Source, root: Path) -> tuple[list[str], Path]:
     """Relative names of the GGUF model's files (one file, or a complete split set), in part order."""
     where = f"sources.gguf ({root})"
+    _no_loop(root, where)
     if root.is_file():
         if root.suffix != ".gguf":
             raise PipelineError(f"{where}: not a .gguf file")
@@ -86,6 +92,17 @@ def gguf_files(src: Source, root: Path) -> tuple[list[str], Path]:
         raise PipelineError(f"{where}: no such file or folder")
     check_split_set(found)
     return [str(p.relative_to(base)) for p in found], base
+
+
+def _no_loop(root: Path, where: str) -> None:
+    """A symlink loop is not 'no such folder': say what it is."""
+    try:
+        root.resolve(strict=True)
+    except RuntimeError:                       # Python < 3.13 raises this for a loop
+        raise PipelineError(f"{where}: symlink loop") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise PipelineError(f"{where}: symlink loop") from None
 
 
 # -- hub sources ----------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PipelineError
+from .fsio import inside
 
 ST_DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
                  "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -53,17 +54,33 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (b, e) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise PipelineError(f"{path}: tensor {name}: malformed header entry") from None
-        if dtype not in ST_DTYPE_SIZE:
-            raise PipelineError(f"{path}: tensor {name}: unknown dtype {dtype}")
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError):
+            raise PipelineError(f"{path}: tensor {name}: malformed header entry (needs dtype, shape, "
+                                "data_offsets)") from None
+        if not isinstance(dtype, str) or dtype not in ST_DTYPE_SIZE:
+            raise PipelineError(f"{path}: tensor {name}: unknown dtype {json.dumps(dtype)}")
+        if not isinstance(shape, list) or not all(_whole(d) for d in shape):
+            raise PipelineError(f"{path}: tensor {name}: shape {json.dumps(shape)} is not a list of whole numbers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise PipelineError(f"{path}: tensor {name}: data_offsets {json.dumps(offsets)} are not "
+                                "[begin, end] with 0 <= begin <= end")
+        (b, e), shape = offsets, tuple(shape)
         if e - b != math.prod(shape) * ST_DTYPE_SIZE[dtype]:
             raise PipelineError(f"{path}: tensor {name}: {e - b} bytes do not hold {dtype}{list(shape)}")
         if start + e > size:
             raise PipelineError(f"{path}: truncated: tensor {name} ends at byte {start + e}, file has {size}")
         tensors[name] = TensorRef(name, path, dtype, shape, start + b, e - b)
+    spans = sorted((t.offset, t.offset + t.length, t.name) for t in tensors.values() if t.length)
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise PipelineError(f"{path}: tensors {a} and {b} overlap in the data (data_offsets)")
     return tensors
+
+
+def _whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def read_hf_checkpoint(folder: Path) -> tuple[dict, dict[str, TensorRef]]:
@@ -73,9 +90,11 @@ def read_hf_checkpoint(folder: Path) -> tuple[dict, dict[str, TensorRef]]:
     if index_path.exists():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise PipelineError(f"{index_path}: not a safetensors index (no weight_map)") from None
-        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            inside(folder, shard, f"{index_path}: weight_map")
     else:
         weight_map, shards = None, ["model.safetensors"]
     tensors = {}
@@ -112,7 +131,8 @@ def gguf_sets(paths: list[Path]) -> dict[str, list[Path]]:
     sets: dict[str, list[Path]] = {}
     for p in sorted(paths):
         m = SPLIT_RE.match(p.name)
-        sets.setdefault(m["stem"] if m else p.stem, []).append(p)
+        key = f"{m['stem']}-*-of-{m['count']}.gguf" if m else p.name   # a single file and a split set of one
+        sets.setdefault(key, []).append(p)                              # model are two models to choose from
     return sets
 
 

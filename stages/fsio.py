@@ -31,6 +31,18 @@ def tmp_dir(out: Path) -> Path:
     return out / STATE_DIR / "tmp"
 
 
+def inside(root: Path, rel, what: str) -> Path:
+    """`root / rel` for a relative path read from a file (a manifest, an index), refusing one that is not a plain
+    relative path inside `root` (absolute, or with `..`): a file must never make us read or write elsewhere.
+    Symlinks are followed as the user made them (a hub snapshot is a folder of links into its blob store)."""
+    p = Path(rel) if isinstance(rel, str) and rel and "\0" not in rel else None
+    if p is None:
+        raise PipelineError(f"{what}: {rel!r} is not a file name")
+    if p.is_absolute() or ".." in p.parts:
+        raise PipelineError(f"{what}: path {rel} leads outside {root}; refused")
+    return root / p
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -102,6 +114,13 @@ def claim_output(out: Path) -> None:
         state_dir(out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise disk_error(out, e) from None
+    if not os.access(state_dir(out), os.W_OK) or _read_only_fs(out):
+        raise PipelineError(f"{out}: cannot write here (read-only); the pipeline needs a writable output folder "
+                            "(`python pipeline.py verify --folder DIR` only reads)")
+
+
+def _read_only_fs(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 class OutputLock:
@@ -112,7 +131,12 @@ class OutputLock:
         self.fd = None
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:                   # a read-only folder or disk
+            raise PipelineError(f"{self.path.parent.parent}: cannot write here ({e.strerror}); the pipeline needs "
+                                "a writable output folder (`python pipeline.py verify --folder DIR` only reads)") \
+                from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -134,5 +158,8 @@ def clean_tmp(out: Path) -> None:
     """Remove temp files left by a killed run (only under our own .pipeline/tmp)."""
     t = tmp_dir(out)
     if t.is_dir():
-        for p in t.iterdir():
-            p.unlink(missing_ok=True)
+        try:
+            for p in t.iterdir():
+                p.unlink(missing_ok=True)
+        except OSError as e:
+            raise disk_error(t, e) from None

@@ -4,6 +4,8 @@ Relative paths resolve against the manifest's own folder, so a manifest can be m
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,26 @@ from .errors import PipelineError
 SOURCE_KINDS = ("fp8", "gguf")
 TOP_KEYS = {"name": str, "sources": dict, "output": str, "keep_mtp": bool, "stages": dict}
 SOURCE_KEYS = {"local": str, "repo": str, "revision": str, "include": str, "file": str}
+
+
+@dataclass(frozen=True)
+class Option:
+    """A setting a stage takes under `stages.<name>:` in a manifest: its type and range (the CLI's own checks)."""
+    type: type
+    minimum: float | None = None               # smallest allowed value
+    above: float | None = None                 # values must be greater than this
+
+    def problem(self, v) -> str:
+        ok = isinstance(v, self.type) and not (self.type in (int, float) and isinstance(v, bool))
+        if self.type is float and isinstance(v, int) and not isinstance(v, bool):
+            ok = True
+        if not ok:
+            return f"must be {_type_name(self.type)}, not {type(v).__name__}"
+        if self.minimum is not None and v < self.minimum:
+            return f"must be at least {self.minimum}, not {v}"
+        if self.above is not None and not v > self.above:
+            return f"must be greater than {self.above}, not {v}"
+        return ""
 
 
 @dataclass(frozen=True)
@@ -42,8 +64,11 @@ def _type_name(t) -> str:
     return {str: "a string", dict: "a mapping", bool: "true or false", float: "a number", int: "a whole number"}[t]
 
 
-def load_manifest(path: Path, known_stages: dict[str, dict[str, type]] | None = None) -> Manifest:
-    """Parse and check a manifest. `known_stages`: stage name -> {option: type} accepted under `stages:`."""
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def load_manifest(path: Path, known_stages: dict[str, dict[str, Option]] | None = None) -> Manifest:
+    """Parse and check a manifest. `known_stages`: stage name -> {option: Option} accepted under `stages:`."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: manifest not found")
@@ -67,6 +92,8 @@ def load_manifest(path: Path, known_stages: dict[str, dict[str, type]] | None = 
     for key in ("name", "sources"):
         if key not in raw:
             raise bad(key, "is missing")
+    if not NAME_RE.match(raw["name"]) or raw["name"] in (".", ".."):   # it names the default output folder
+        raise bad("name", f"'{raw['name']}' must be a plain folder name (letters, digits, . _ -; no / or ..)")
     sources = raw["sources"]
     for kind in sources:
         if kind not in SOURCE_KINDS:
@@ -98,11 +125,10 @@ def load_manifest(path: Path, known_stages: dict[str, dict[str, type]] | None = 
         for k, v in opts.items():
             if k not in known:
                 raise bad(f"stages.{stage}.{k}", f"is unknown (options: {', '.join(known) or 'none'})")
-            ok = isinstance(v, known[k]) and not (known[k] in (int, float) and isinstance(v, bool))
-            if known[k] is float and isinstance(v, int) and not isinstance(v, bool):
-                ok = True
-            if not ok:
-                raise bad(f"stages.{stage}.{k}", f"must be {_type_name(known[k])}, not {type(v).__name__}")
+            spec = known[k] if isinstance(known[k], Option) else Option(known[k])
+            why = spec.problem(v)
+            if why:
+                raise bad(f"stages.{stage}.{k}", why)
         stage_options[stage] = dict(opts)
     output = _resolve(path, raw["output"]) if "output" in raw else None
     return Manifest(path=path.resolve(), name=raw["name"], fp8=parsed["fp8"], gguf=parsed["gguf"],
@@ -111,5 +137,13 @@ def load_manifest(path: Path, known_stages: dict[str, dict[str, type]] | None = 
 
 
 def _resolve(manifest_path: Path, value: str) -> Path:
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else (manifest_path.parent / p).resolve()
+    try:
+        p = Path(value).expanduser()
+    except RuntimeError as e:                  # ~nosuchuser/x
+        raise PipelineError(f"{manifest_path}: path {value}: {e}") from None
+    if p.is_absolute():
+        return p
+    try:
+        return (manifest_path.parent / p).resolve()
+    except (RuntimeError, OSError):            # a symlink loop: fetch says so when it looks at the source
+        return Path(os.path.abspath(manifest_path.parent / p))

@@ -9,27 +9,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from gguf.constants import GGMLQuantizationType
-
+from . import ggml_types
 from .dag import Context, Result, Stage
 from .errors import PipelineError
 from .formats import TensorRef, read_gguf, read_hf_checkpoint
 from .fsio import write_json
-from .names import HF_TO_GGUF_SUFFIX, LAYOUT_KV_B, LAYOUT_SPLIT_KB, expected_weights, mtp_layers
+from .names import (EXPERT_NAMES, HF_TO_GGUF_SUFFIX, LAYOUT_KV_B, LAYOUT_SPLIT_KB, config_problems, expected_weights,
+                    mtp_layers)
 
 VERSION = 1
 RESULT = ".pipeline/plan.json"
 BLOCK = 128                      # DeepSeek FP8 weight_block_size
 MAX_LINES = 40
-
-# GGML types the verifier can dequantize and ggml's CPU kernels can multiply; others are refused up front.
-SUPPORTED_GGML = {t.name for t in (
-    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
-    GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1,
-    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K,
-    GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K, GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS,
-    GGMLQuantizationType.IQ2_S, GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ3_S, GGMLQuantizationType.IQ1_S,
-    GGMLQuantizationType.IQ1_M, GGMLQuantizationType.IQ4_NL, GGMLQuantizationType.IQ4_XS)}
 
 # config.json key -> GGUF metadata key (under `deepseek2.`). Optional ones are absent from older GGUFs.
 META_CHECKS = [
@@ -41,6 +32,12 @@ META_CHECKS = [
     ("kv_lora_rank", "attention.kv_lora_rank", True), ("qk_rope_head_dim", "rope.dimension_count", True),
     ("n_group", "expert_group_count", False), ("topk_group", "expert_group_used_count", False),
     ("routed_scaling_factor", "expert_weights_scale", False), ("vocab_size", "vocab_size", False),
+    ("rope_theta", "rope.freq_base", False), ("rms_norm_eps", "attention.layer_norm_rms_epsilon", False),
+    ("max_position_embeddings", "context_length", False),
+    ("rope_scaling.factor", "rope.scaling.factor", False),
+    ("rope_scaling.original_max_position_embeddings", "rope.scaling.original_context_length", False),
+    ("rope_scaling.beta_fast", "rope.scaling.yarn_beta_fast", False),
+    ("rope_scaling.beta_slow", "rope.scaling.yarn_beta_slow", False),
 ]
 CONFIG_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
                "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "moe_intermediate_size", "intermediate_size",
@@ -49,6 +46,18 @@ CONFIG_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lo
 
 def gguf_layout(meta: dict) -> str:
     return LAYOUT_SPLIT_KB if "deepseek2.attention.key_length_mla" in meta else LAYOUT_KV_B
+
+
+def _dotted(cfg: dict, key: str):
+    """cfg["rope_scaling"]["factor"] for "rope_scaling.factor"; None if any part is absent."""
+    for part in key.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def _same_number(have, want) -> bool:
+    ok = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)     # noqa: E731
+    return ok(have) and ok(want) and math.isclose(float(have), float(want), rel_tol=1e-6)
 
 
 def check_config(cfg: dict, meta: dict, cfg_path: str, gguf_path: str) -> list[str]:
@@ -64,7 +73,7 @@ def check_config(cfg: dict, meta: dict, cfg_path: str, gguf_path: str) -> list[s
     meta = dict(meta)
     if "deepseek2.vocab_size" not in meta and "tokenizer.ggml.tokens" in meta:
         meta["deepseek2.vocab_size"] = meta["tokenizer.ggml.tokens"]
-    wants = [(c, g, req, cfg.get(c)) for c, g, req in META_CHECKS]
+    wants = [(c, g, req, _dotted(cfg, c)) for c, g, req in META_CHECKS]
     nope, rope, v, kvr = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
     if gguf_layout(meta) == LAYOUT_SPLIT_KB:
         wants += [("qk_nope_head_dim+qk_rope_head_dim", "attention.key_length_mla", True, nope + rope),
@@ -80,7 +89,7 @@ def check_config(cfg: dict, meta: dict, cfg_path: str, gguf_path: str) -> list[s
             if required:
                 problems.append(f"{gguf_path}: metadata deepseek2.{gkey} missing (config {ckey} = {want})")
             continue
-        if want is None or not math.isclose(float(have), float(want), rel_tol=1e-6):
+        if not _same_number(have, want):
             problems.append(f"config mismatch: {cfg_path} {ckey} = {want}, {gguf_path} deepseek2.{gkey} = {have}")
     return problems
 
@@ -125,6 +134,9 @@ def fp8_entries(out: str, hf_names: list[str], hf: dict[str, TensorRef], roots: 
 def build_plan(fp8_root: Path, gguf_root: Path, gguf_names: list[str], keep_mtp: bool) -> dict:
     cfg_path = fp8_root / "config.json"
     cfg, hf = read_hf_checkpoint(fp8_root)
+    problems = config_problems(cfg, str(cfg_path))
+    if problems:
+        raise PipelineError("\n".join(problems))
     gg = read_gguf([gguf_root / n for n in gguf_names])
     problems = check_config(cfg, gg.meta, str(cfg_path), str(gg.files[0]))
     if problems:
@@ -148,9 +160,9 @@ def build_plan(fp8_root: Path, gguf_root: Path, gguf_names: list[str], keep_mtp:
                 problems.append(f"{gfile[gname]}: tensor {gname} has shape {list(t.shape)} (ne reversed), "
                                 f"checkpoint {w.hf[0] if len(w.hf) == 1 else w.hf[0] + ' x' + str(len(w.hf))} "
                                 f"implies {list(gshape)}")
-            elif w.source == "gguf" and t.dtype not in SUPPORTED_GGML:
+            elif w.source == "gguf" and not ggml_types.accepted(t.dtype):
                 problems.append(f"{gfile[gname]}: tensor {gname} has GGML type {t.dtype}, which is not supported "
-                                f"(supported: {', '.join(sorted(SUPPORTED_GGML))})")
+                                f"(supported: {', '.join(sorted(ggml_types.TYPES))})")
     used_hf = {n for w in weights for n in w.hf} | {n + "_scale_inv" for w in weights for n in w.hf}
     mtp_prefixes = tuple(f"model.layers.{i}." for i in mtp_layers(cfg))
     extra_hf = sorted(n for n in hf if n not in used_hf and not n.startswith(mtp_prefixes))
@@ -218,7 +230,7 @@ def mtp_entries(i: int, names: list[str], hf: dict[str, TensorRef], roots: dict)
         out = f"blk.{i}." + HF_TO_GGUF_SUFFIX.get(rest, rest)
         entries += fp8_entries(out, [n], hf, roots, layer=i, logical_shape=list(hf[n].shape), twins={})
     for proj, by_e in sorted(experts.items()):
-        gname = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}[proj]
+        gname = EXPERT_NAMES[proj]
         hf_names = [by_e[e] for e in sorted(by_e)]
         entries += fp8_entries(f"blk.{i}.{gname}.weight", hf_names, hf, roots, layer=i,
                                logical_shape=[len(hf_names), *hf[hf_names[0]].shape], twins={})

@@ -15,17 +15,19 @@ from pathlib import Path
 
 import xxhash
 
-from .dag import Context, Result, Stage, digest
+from .dag import Context, Option, Result, Stage, digest
 from .errors import PipelineError
-from .fsio import CHUNK, HASH_NAME, atomic_file, disk_error, read_json, state_dir, write_json
+from .fsio import CHUNK, HASH_NAME, atomic_file, disk_error, hash_file, read_json, state_dir, write_json
 from .ui import byte_progress
 
-VERSION = 1
+VERSION = 1                                 # of a shard's bytes: a change rewrites every shard
+STAGE_VERSION = 2                           # of the stage (2: manifest.json `files`, shard hashes): shards are kept
 FORMAT_VERSION = 1
 ALIGN = 64                                  # tensors whose size is a multiple of this start 64-byte aligned
 SYNC_EVERY = 64 << 20                       # flush written bytes to disk and drop their pages this often
 AUX_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "tokenizer.model"]
+             "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "added_tokens.json", "vocab.json",
+             "merges.txt"]               # whatever transformers' AutoTokenizer may read: each gets a checksum
 INDEX = "model.safetensors.index.json"
 MANIFEST = "manifest.json"
 
@@ -77,7 +79,8 @@ class Copier:
             n = src.readinto(view[:min(length, self.chunk)])
             if not n:
                 raise PipelineError(f"{Path(self.roots[side]) / rel}: file ended early (changed since reconcile?)")
-            h.update(view[:n])
+            for one in h:
+                one.update(view[:n])
             dst.write(view[:n])
             _drop_pages(src.fileno(), offset, n)
             offset += n
@@ -127,6 +130,7 @@ def write_shard(ctx: Context, shard: dict, plan: dict, copier: Copier, advance_i
     header, spans = shard_layout(shard["tensors"], tensors)
     final = ctx.out / shard["file"]
     out_tensors = {}
+    whole = xxhash.xxh3_128(header)                 # the whole file's hash too: lets a copied shard be kept
     with atomic_file(final, ctx.out) as f:
         try:
             f.write(header)
@@ -135,16 +139,18 @@ def write_shard(ctx: Context, shard: dict, plan: dict, copier: Copier, advance_i
                 if t["side"] == "value":
                     data = int(t["value"]).to_bytes(8, "little", signed=True)
                     h.update(data)
+                    whole.update(data)
                     f.write(data)
                 else:
                     for rel, offset, length in t["segments"]:
-                        copier.copy(f, t["side"], rel, offset, length, h)
+                        copier.copy(f, t["side"], rel, offset, length, (h, whole))
                 out_tensors[name] = {"offsets": [len(header) + begin, len(header) + end], HASH_NAME: h.hexdigest()}
                 advance_items()
         except OSError as e:
             raise disk_error(final, e) from None
     st = final.stat()
-    return {"file": shard["file"], "size": st.st_size, "mtime_ns": st.st_mtime_ns, "tensors": out_tensors}
+    return {"file": shard["file"], "size": st.st_size, "mtime_ns": st.st_mtime_ns, HASH_NAME: whole.hexdigest(),
+            "tensors": out_tensors}
 
 
 def manifest_entry(name: str, t: dict, where: dict, shard: str, plan: dict) -> dict:
@@ -168,17 +174,30 @@ def run(ctx: Context) -> Result:
     plan = ctx.result("reconcile")
     records_dir = state_dir(ctx.out) / "write"
     records_dir.mkdir(exist_ok=True)
-    todo, records = [], {}
+    todo, records, recheck = [], {}, []
     for shard in plan["shards"]:
         spec_digest = digest(shard_spec(shard, plan))
         rec_path = records_dir / (shard["file"] + ".json")
         rec = read_json(rec_path) if rec_path.exists() else None
         final = ctx.out / shard["file"]
-        if not ctx.forced and rec and rec["spec"] == spec_digest and final.exists() and \
-                (final.stat().st_size, final.stat().st_mtime_ns) == (rec["size"], rec["mtime_ns"]):
-            records[shard["file"]] = rec                 # finished by an earlier (maybe killed) run: keep it
-        else:
+        st = final.stat() if final.exists() else None
+        if ctx.forced or not rec or rec["spec"] != spec_digest or st is None or st.st_size != rec["size"]:
             todo.append((shard, spec_digest, rec_path))
+        elif st.st_mtime_ns == rec["mtime_ns"]:
+            records[shard["file"]] = rec                 # finished by an earlier (maybe killed) run: keep it
+        else:                                            # touched or copied: kept if its bytes are still the same
+            recheck.append((shard, spec_digest, rec_path, rec))
+    if recheck:
+        with byte_progress("check", sum(r["size"] for *_, r in recheck), len(recheck), "shards") as advance:
+            for shard, spec_digest, rec_path, rec in recheck:
+                final = ctx.out / shard["file"]
+                if rec.get(HASH_NAME) and hash_file(final, advance) == rec[HASH_NAME]:
+                    rec["mtime_ns"] = final.stat().st_mtime_ns
+                    write_json(rec_path, rec, ctx.out)
+                    records[shard["file"]] = rec
+                else:
+                    todo.append((shard, spec_digest, rec_path))
+                advance(0, 1)
 
     sizes = {s["file"]: sum(tensor_nbytes(plan["tensors"][n]) for n in s["tensors"]) for s in plan["shards"]}
     need = sum(sizes[s["file"]] for s, _, _ in todo)
@@ -204,6 +223,8 @@ def run(ctx: Context) -> Result:
              "weight_map": {n: shard_of[n] for n in plan["tensors"]}}
     write_json(ctx.out / INDEX, index, ctx.out)
     aux = copy_aux_files(ctx, Path(plan["sources"]["fp8"]))
+    files = {name: {"size": (ctx.out / name).stat().st_size, HASH_NAME: hash_file(ctx.out / name)}
+             for name in [INDEX] + aux}
     manifest = {
         "format": "dsv3-hybrid", "format_version": FORMAT_VERSION, "checksum": HASH_NAME,
         "model": {"name": ctx.manifest.name, "config": json.loads((ctx.out / "config.json").read_text())},
@@ -214,6 +235,7 @@ def run(ctx: Context) -> Result:
                    for s in plan["shards"]],
         "tensors": {n: manifest_entry(n, plan["tensors"][n], records[shard_of[n]]["tensors"][n], shard_of[n], plan)
                     for n in plan["tensors"]},
+        "files": files,
         "skipped": plan["skipped"],
         "verified": False,
     }
@@ -228,6 +250,7 @@ def run(ctx: Context) -> Result:
     total = sum(sizes.values())
     # verify flips manifest.json's `verified`; that is not a change of what write made
     return Result(result=MANIFEST, outputs=outputs, json_checks={MANIFEST: {"ignore": ["verified"]}},
+                  big=[s["file"] for s in plan["shards"]],
                   summary=f"{len(plan['shards'])} shards, {total / 1e9:.2f} GB "
                           f"({len(todo)} written, {len(plan['shards']) - len(todo)} kept from an earlier run)")
 
@@ -250,4 +273,47 @@ def fingerprint(ctx: Context) -> dict:
 
 STAGE = Stage("write", needs=("reconcile",), inputs="plan.json; the source bytes it names",
               outputs="model-*-of-*.safetensors, model.safetensors.index.json, manifest.json, config + tokenizer",
-              version=VERSION, fingerprint=fingerprint, run=run, options={"bwlimit": float})
+              version=STAGE_VERSION, fingerprint=fingerprint, run=run, options={"bwlimit": Option(float, above=0)})
+
+
+def _shard_records(out: Path, shards: set[str]):
+    """(path of write's stage record, that record, {shard: (its per-shard record path, record)}) for `shards`."""
+    rec_path = state_dir(out) / "write.json"
+    rec = read_json(rec_path) if rec_path.exists() else None
+    per = {}
+    for rel in shards:
+        p = state_dir(out) / "write" / (rel + ".json")
+        if p.exists():
+            per[rel] = (p, read_json(p))
+    return rec_path, rec, per
+
+
+def restamp_shards(out: Path, shards: set[str]) -> None:
+    """verify read these shards and found every byte right: their current mtimes become write's own, so a copied
+    folder (new mtimes, same bytes) is not written again."""
+    rec_path, rec, per = _shard_records(out, shards)
+    for rel, (p, r) in per.items():
+        st = (out / rel).stat()
+        if st.st_size == r["size"] and st.st_mtime_ns != r["mtime_ns"]:
+            write_json(p, dict(r, mtime_ns=st.st_mtime_ns), out)
+    if rec and rec.get("state") == "done":
+        changed = False
+        for rel in shards:
+            info = rec["outputs"].get(rel)
+            st = (out / rel).stat()
+            if info and info.get("size") == st.st_size and info.get("mtime_ns") != st.st_mtime_ns:
+                info["mtime_ns"], changed = st.st_mtime_ns, True
+        if changed:
+            write_json(rec_path, rec, out)
+
+
+def invalidate_shards(out: Path, shards: set[str]) -> None:
+    """verify found wrong bytes in these shards: forget that write made them, so `run` writes them (only them) again."""
+    rec_path, rec, per = _shard_records(out, shards)
+    for p, _ in per.values():
+        p.unlink()
+    if rec and rec.get("state") == "done" and any(rel in rec["outputs"] for rel in shards):
+        for rel in shards:
+            if rel in rec["outputs"]:
+                rec["outputs"][rel] = {"size": -1, "mtime_ns": -1}
+        write_json(rec_path, rec, out)

@@ -267,8 +267,8 @@ def test_split_set_missing_part(tmp_path):
 
 def test_unsupported_ggml_type(tmp_path):
     name, qtype = "blk.1.ffn_up_exps.weight", GGMLQuantizationType.TQ2_0
-    from stages.reconcile import SUPPORTED_GGML
-    assert qtype.name not in SUPPORTED_GGML
+    from stages import ggml_types
+    assert not ggml_types.accepted(qtype.name) and not ggml_types.accepted(int(qtype))
     gguf = _swap_gguf(tmp_path, edit_tensors={
         name: lambda t: GTensor(t.name, quant_bytes(qtype, t.shape, fill=0x55), qtype, t.shape)})
     t = next(t for t in GGUFReader(gguf).tensors if t.name == name)     # the copy really holds TQ2_0 bytes
@@ -330,3 +330,164 @@ def test_error_message_keeps_brackets_in_paths(tmp_path, folder):
     out = tmp_path / "out"
     res = run_cli(write_manifest(tmp_path, fp8=f'"{missing}"'), out)
     assert_user_error(res, out, "sources.fp8", str(missing), "no such folder")
+
+
+# -- 10. hostile headers, paths and settings (issue 16, the trust chain) ---------------------------------------------
+
+def rewrite_header(shard: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header with `edit(header)` applied; the data part stays byte for byte."""
+    start, header = safetensors_header(shard)
+    data = shard.read_bytes()[start:]
+    edit(header)
+    raw = json.dumps(header).encode()
+    shard.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+HEADER_SHARD = "hf-fp8/model-00002-of-00004.safetensors"
+
+
+def _first_two(header: dict) -> tuple[str, str]:
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    return names[0], names[1]
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("float_offsets", "data_offsets"), ("list_dtype", "unknown dtype"), ("string_shape", "shape"),
+    ("negative_offsets", "data_offsets"), ("overlapping", "overlap"),
+])
+def test_malformed_safetensors_header(tmp_path, case, needle):
+    src = copy_fixture(tmp_path)
+    shard = src / HEADER_SHARD
+    first, second = _first_two(safetensors_header(shard)[1])
+
+    def edit(h):
+        if case == "float_offsets":
+            h[first]["data_offsets"] = [float(x) for x in h[first]["data_offsets"]]
+        elif case == "list_dtype":
+            h[first]["dtype"] = [h[first]["dtype"]]
+        elif case == "string_shape":
+            h[first]["shape"] = "".join(map(str, h[first]["shape"]))
+        elif case == "negative_offsets":
+            b, e = h[first]["data_offsets"]
+            h[first]["data_offsets"] = [b - 8, e - 8]
+        else:                                               # the second tensor shifted onto the first one's bytes
+            b, e = h[second]["data_offsets"]
+            h[second]["data_offsets"] = [b - 16, e - 16]
+    rewrite_header(shard, edit)
+    out = tmp_path / "out"
+    text = assert_user_error(run_cli(write_manifest(tmp_path), out), out, str(shard), needle)
+    assert first in text or second in text, text
+
+
+def test_index_naming_a_file_outside_the_checkpoint(tmp_path):
+    src = copy_fixture(tmp_path)
+    index_path = src / "hf-fp8/model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = "model-00004-of-00004.safetensors"
+    shutil.move(src / "hf-fp8" / shard, tmp_path / shard)            # the bytes exist, one level up
+    index["weight_map"] = {k: ("../../" + shard if v == shard else v) for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    out = tmp_path / "out"
+    assert_user_error(run_cli(write_manifest(tmp_path), out), out, str(index_path), "../../" + shard,
+                      "leads outside")
+
+
+def test_gguf_folder_with_a_single_file_and_a_split_set_of_one_model(tmp_path):
+    src = copy_fixture(tmp_path)
+    for p in (FIXTURE / "gguf/Q4_K_M-split").iterdir():
+        shutil.copy(p, src / "gguf/Q4_K_M" / p.name)
+    out = tmp_path / "out"
+    assert_user_error(run_cli(write_manifest(tmp_path), out), out, "several GGUF models", GGUF_NAME,
+                      "tiny-Q4_K_M-*-of-00002.gguf", "include:")
+
+
+def test_symlink_loop_is_named(tmp_path):
+    copy_fixture(tmp_path)
+    loop = tmp_path / "src" / "loop"
+    loop.symlink_to(loop)
+    out = tmp_path / "out"
+    assert_user_error(run_cli(write_manifest(tmp_path, fp8="src/loop"), out), out, "sources.fp8", "symlink loop")
+
+
+@pytest.mark.parametrize("text, needles", [
+    (GOOD.replace("src/hf-fp8", "~nosuchuser/hf-fp8"), ["~nosuchuser/hf-fp8"]),
+    (GOOD.replace("name: bad-input-test", "name: ../../evil"), ["'name'", "plain folder name"]),
+    (GOOD + "stages:\n  verify: {workers: -2}\n", ["stages.verify.workers", "at least 1"]),
+    (GOOD + "stages:\n  verify: {workers: 0}\n", ["stages.verify.workers", "at least 1"]),
+    (GOOD + "stages:\n  write: {bwlimit: 0}\n", ["stages.write.bwlimit", "greater than 0"]),
+    (GOOD + "stages:\n  write: {bwlimit: -5}\n", ["stages.write.bwlimit", "greater than 0"]),
+], ids=["no_such_user", "name_escapes", "workers_negative", "workers_zero", "bwlimit_zero", "bwlimit_negative"])
+def test_manifest_setting_error(tmp_path, text, needles):
+    copy_fixture(tmp_path)
+    manifest = write_manifest(tmp_path, text=text)
+    out = tmp_path / "out"
+    assert_user_error(run_cli(manifest, out), out, str(manifest), *needles)
+    assert not out.exists() and not (tmp_path.parent / "evil").exists()
+
+
+@pytest.mark.parametrize("flag", ["0", "-5"])
+def test_cli_bwlimit_must_be_positive(tmp_path, flag):
+    copy_fixture(tmp_path)
+    res = subprocess.run([sys.executable, "pipeline.py", "run", "--manifest", str(write_manifest(tmp_path)),
+                          "--out", str(tmp_path / "out"), "--bwlimit", flag], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2 and "--bwlimit" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key, value", [("num_experts_per_tok", "4"), ("hidden_size", 256.0),
+                                        ("rms_norm_eps", "1e-6"), ("num_hidden_layers", True)])
+def test_config_value_of_the_wrong_type(tmp_path, key, value):
+    src = copy_fixture(tmp_path)
+    cfg_path = src / "hf-fp8/config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg[key] = value
+    cfg_path.write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    assert_user_error(run_cli(write_manifest(tmp_path), out), out, str(cfg_path), key, json.dumps(value))
+
+
+# config.json key -> GGUF metadata key (under deepseek2.), written out here, independently of stages/reconcile.py:
+# every one must be compared, so a GGUF of another model (or a wrong config) stops at reconcile.
+CONFIG_VS_GGUF = [
+    ("num_hidden_layers", "block_count"), ("hidden_size", "embedding_length"),
+    ("intermediate_size", "feed_forward_length"), ("moe_intermediate_size", "expert_feed_forward_length"),
+    ("n_routed_experts", "expert_count"), ("num_experts_per_tok", "expert_used_count"),
+    ("n_shared_experts", "expert_shared_count"), ("first_k_dense_replace", "leading_dense_block_count"),
+    ("num_attention_heads", "attention.head_count"), ("q_lora_rank", "attention.q_lora_rank"),
+    ("kv_lora_rank", "attention.kv_lora_rank"), ("qk_rope_head_dim", "rope.dimension_count"),
+    ("n_group", "expert_group_count"), ("topk_group", "expert_group_used_count"),
+    ("routed_scaling_factor", "expert_weights_scale"), ("vocab_size", "vocab_size"),
+    ("rope_theta", "rope.freq_base"), ("rms_norm_eps", "attention.layer_norm_rms_epsilon"),
+    ("max_position_embeddings", "context_length"), ("rope_scaling.factor", "rope.scaling.factor"),
+    ("rope_scaling.original_max_position_embeddings", "rope.scaling.original_context_length"),
+    ("rope_scaling.beta_fast", "rope.scaling.yarn_beta_fast"),
+    ("rope_scaling.beta_slow", "rope.scaling.yarn_beta_slow"),
+    ("qk_nope_head_dim+qk_rope_head_dim", "attention.key_length_mla"), ("v_head_dim", "attention.value_length_mla"),
+    ("kv_lora_rank+qk_rope_head_dim", "attention.key_length"), ("kv_lora_rank", "attention.value_length"),
+]
+
+
+@pytest.fixture(scope="module")
+def fixture_config_and_meta():
+    from stages.formats import read_config, read_gguf
+    return read_config(FIXTURE / "hf-fp8"), read_gguf([FIXTURE / "gguf/Q4_K_M" / GGUF_NAME]).meta
+
+
+def test_config_matches_gguf_metadata_as_is(fixture_config_and_meta):
+    from stages.reconcile import check_config
+    cfg, meta = fixture_config_and_meta
+    assert check_config(cfg, meta, "config.json", "x.gguf") == []
+
+
+@pytest.mark.parametrize("ckey, gkey", CONFIG_VS_GGUF, ids=[g for _, g in CONFIG_VS_GGUF])
+def test_every_config_key_is_compared_with_the_gguf(fixture_config_and_meta, ckey, gkey):
+    """The real fixture's config and GGUF metadata, one GGUF value changed: reconcile names that pair."""
+    from stages.reconcile import check_config
+    cfg, meta = fixture_config_and_meta
+    key = "deepseek2." + gkey
+    assert key in meta, key
+    changed = dict(meta, **{key: meta[key] * 2 + 1})
+    problems = check_config(cfg, changed, "config.json", "x.gguf")
+    hits = [p for p in problems if f"x.gguf deepseek2.{gkey} = " in p and f"config.json {ckey} = " in p]
+    assert len(hits) == 1, problems

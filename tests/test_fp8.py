@@ -221,6 +221,36 @@ def test_a_hopper_kernel_that_does_not_build_falls_back_once(monkeypatch):
     assert torch.equal(y, fp8.fp8_gemm(*fp8.act_quant(x, 2), w, ws, terms=2))
 
 
+def test_a_hopper_module_that_does_not_import_says_so_once_where_it_would_run(monkeypatch):
+    """fp8_hopper failing to import (a Triton without Gluon's Hopper API) costs speed on sm_90 only, and says so
+    once there, when a call would have taken it; never on other devices."""
+    import warnings
+    monkeypatch.setattr(fp8, "fp8_hopper", None)
+    monkeypatch.setattr(fp8, "_hopper_import_error", ImportError("cannot import name 'warpgroup_mma'"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fp8.hopper_ready(torch.device("cpu")) is False
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with pytest.warns(UserWarning, match="does not import with Triton.*warpgroup_mma"):
+        assert fp8.hopper_ready(torch.device("cuda")) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fp8.hopper_ready(torch.device("cuda")) is False
+
+
+def test_imports_run_one_way():
+    """fp8 imports fp8_hopper; fp8_hopper and fp8_quant never import fp8 (a cycle hid import failures before)."""
+    import ast
+    from pathlib import Path
+    runtime_dir = Path(fp8.__file__).parent
+    for name in ("fp8_hopper.py", "fp8_quant.py"):
+        tree = ast.parse((runtime_dir / name).read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert "runtime.fp8" not in imported, name
+
+
 def test_every_split_and_tile_shape_agrees():
     """Split-K counts that do and don't divide K's groups, tiles over the N edge: the same numbers each time
     (deterministic reduction), and the split-K counters are left at zero for the next launch."""

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -177,3 +178,66 @@ def test_disk_filling_up_mid_write_fails_cleanly_and_resumes(tmp_path, small_dis
     reference = tmp_path / "reference"
     pipeline("run", "--manifest", m, "--out", reference)
     assert final_files(out) == final_files(reference)
+
+
+def test_changed_source_bytes_rewrite_the_shards_that_hold_them(tmp_path, sources):
+    """The same files, sizes and names, one tensor's bytes changed in the checkpoint: write must not keep a shard
+    made from the old bytes (its record's spec holds the source files' content hashes)."""
+    from safetensors import safe_open
+    m = write_manifest(tmp_path / "m.yaml", fp8=sources / "hf-fp8", gguf=sources / "gguf" / "Q4_K_M")
+    out = tmp_path / "out"
+    pipeline("run", "--manifest", m, "--out", out)
+    name, merged_name = "model.layers.1.input_layernorm.weight", "blk.1.attn_norm.weight"
+    index = json.loads((sources / "hf-fp8" / "model.safetensors.index.json").read_text())
+    src = sources / "hf-fp8" / index["weight_map"][name]
+    with open(src, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        b, e = json.loads(f.read(n))[name]["data_offsets"]
+    data = bytearray(src.read_bytes())
+    for i in range(8 + n + b, 8 + n + e, 2):       # the lowest mantissa bit of every bf16 value: still the right
+        data[i] ^= 1                               # weight for verify, but other bytes
+    src.write_bytes(bytes(data))
+    p = pipeline("run", "--manifest", m, "--out", out, "--json")
+    assert actions(p)["write"] == "ran" and "0 written" not in json.loads(p.stdout)["stages"][2]["summary"]
+    entry = json.loads((out / "manifest.json").read_text())["tensors"][merged_name]
+    with safe_open(out / entry["shard"], "pt") as f, safe_open(src, "pt") as g:
+        import torch
+        assert torch.equal(f.get_tensor(merged_name).view(torch.int16), g.get_tensor(name).view(torch.int16))
+    assert json.loads((out / "manifest.json").read_text())["verified"] is True
+
+
+def test_disk_full_during_verify_is_one_line_and_recorded_as_failed(tmp_path, small_disk):
+    disk = small_disk(48 * 1024)
+    m, out = write_manifest(tmp_path / "m.yaml"), disk / "out"
+    pipeline("run", "--manifest", m, "--out", out)
+    filler = disk / "filler"
+    with open(filler, "wb") as f:                  # take all the space, then give back a little: the running
+        try:                                       # record fits, manifest.json and verify's log do not
+            while True:
+                f.write(b"\xff" * (1 << 16))
+                f.flush()
+        except OSError:
+            pass
+    os.truncate(filler, filler.stat().st_size - 8192)
+    p = pipeline("verify", "--manifest", m, "--out", out, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "no space left" in p.stderr
+    assert status(m, out)["verify"]["state"] == "failed"
+    filler.unlink()
+    assert pipeline("verify", "--manifest", m, "--out", out).returncode == 0
+
+
+def test_read_only_folder(tmp_path, small_disk):
+    disk = small_disk(48 * 1024)
+    m, out = write_manifest(tmp_path / "m.yaml"), disk / "out"
+    pipeline("run", "--manifest", m, "--out", out)
+    r = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot remount read-only: {r.stderr.decode().strip()}")
+    for cmd in ("verify", "run"):
+        p = pipeline(cmd, "--manifest", m, "--out", out, check=False)
+        errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert len(errors) == 1 and "read-only" in errors[0] and "verify --folder" in errors[0], errors
+    p = pipeline("verify", "--folder", out)       # reads only: works on a read-only folder
+    assert "PASS" in p.stderr

@@ -32,6 +32,7 @@ from runtime.chat import Chat, TextStream  # noqa: E402
 from runtime.load import ModelError, bf16, fp8_dequant  # noqa: E402
 from runtime.load import load as open_folder  # noqa: E402
 from runtime.model import MoE, Transformer, decode_span  # noqa: E402
+from stages.names import expected_weights  # noqa: E402
 
 PROSE = ROOT / "tests" / "data" / "prose.txt"
 N_REF = 512            # tokens compared with the reference (>= 256)
@@ -169,31 +170,18 @@ def effective_weights(folder) -> dict[str, torch.Tensor]:
         return torch.from_numpy(dequantize(np.asarray(f.raw(name)).reshape(e * rows, -1), t.ggml_type)
                                 .reshape(e, rows, cols).copy())
 
-    c = f.config
-    sd = {"model.embed_tokens.weight": w("token_embd.weight"), "lm_head.weight": w("output.weight"),
-          "model.norm.weight": w("output_norm.weight")}
-    attn = {"attn_q_a": "q_a_proj", "attn_q_a_norm": "q_a_layernorm", "attn_q_b": "q_b_proj",
-            "attn_kv_a_mqa": "kv_a_proj_with_mqa", "attn_kv_a_norm": "kv_a_layernorm", "attn_kv_b": "kv_b_proj",
-            "attn_output": "o_proj"}
-    for i in range(c["num_hidden_layers"]):
-        b, h = f"blk.{i}.", f"model.layers.{i}."
-        sd[h + "input_layernorm.weight"] = w(b + "attn_norm.weight")
-        sd[h + "post_attention_layernorm.weight"] = w(b + "ffn_norm.weight")
-        for ours, theirs in attn.items():
-            sd[h + f"self_attn.{theirs}.weight"] = w(b + ours + ".weight")
-        if i < c["first_k_dense_replace"]:
-            for k in ("gate", "up", "down"):
-                sd[h + f"mlp.{k}_proj.weight"] = w(b + f"ffn_{k}.weight")
+    sd, fused = {}, {}
+    for wt in expected_weights(f.config, f.manifest["gguf_layout"]):     # the pipeline's one HF <-> GGUF map
+        if wt.source == "fp8":
+            sd[wt.hf[0]] = w(wt.out)
             continue
-        sd[h + "mlp.gate.weight"] = w(b + "ffn_gate_inp.weight")
-        sd[h + "mlp.gate.e_score_correction_bias"] = w(b + "exp_probs_b.bias")
-        for k in ("gate", "up", "down"):
-            sd[h + f"mlp.shared_experts.{k}_proj.weight"] = w(b + f"ffn_{k}_shexp.weight")
-        # transformers 5 fuses the experts: gate_up_proj (E, 2 I, H) whose output is chunked gate-then-up
-        # (DeepseekV3Experts.forward: linear(x, gate_up_proj[e]).chunk(2)), down_proj (E, H, I)
-        sd[h + "mlp.experts.gate_up_proj"] = torch.cat([experts(b + "ffn_gate_exps.weight"),
-                                                        experts(b + "ffn_up_exps.weight")], dim=1)
-        sd[h + "mlp.experts.down_proj"] = experts(b + "ffn_down_exps.weight")
+        # routed experts: transformers 5 fuses them: gate_up_proj (E, 2 I, H) whose output is chunked
+        # gate-then-up (DeepseekV3Experts.forward: linear(x, gate_up_proj[e]).chunk(2)), down_proj (E, H, I)
+        prefix, proj = wt.hf[0].split(".experts.")[0] + ".experts.", wt.hf[0].rsplit(".", 2)[1]
+        fused.setdefault(prefix, {})[proj] = experts(wt.out)
+    for prefix, parts in fused.items():
+        sd[prefix + "gate_up_proj"] = torch.cat([parts["gate_proj"], parts["up_proj"]], dim=1)
+        sd[prefix + "down_proj"] = parts["down_proj"]
     return sd
 
 
@@ -481,9 +469,11 @@ def test_opens_a_seed_system_folder(merged, model, prose_ids, tmp_path):
         shutil.copy(shard, seed / ("sub" if i % 2 else ".") / f"{i}.safetensors")      # scanned recursively
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(merged / name, seed / name)
-    folder = open_folder(seed)
+    with pytest.raises(ModelError, match="seed-format"):             # no checksums: never served by default
+        open_folder(seed)
+    folder = open_folder(seed, allow_unverified=True)
     assert not folder.verified and folder.manifest is None
     exps = folder.tensors["blk.1.ffn_down_exps.weight"]
     assert exps.logical_shape == (16, 256, 256) and exps.ggml_type in (12, 14)
-    seed_model = runtime.load(seed, max_len=1024, device="cpu")
+    seed_model = runtime.load(seed, max_len=1024, device="cpu", allow_unverified=True)
     assert torch.equal(runtime.logits(seed_model, prose_ids[:64]), runtime.logits(model, prose_ids[:64]))

@@ -269,6 +269,17 @@ def test_transposed_fp8_tensor_fails(tmp_path):
     assert_fails_only(m.proc, m, "blk.1.attn_q_a.weight")
 
 
+def flip_byte(path: Path, at: int, keep_mtime: bool = False) -> None:
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x10]))
+    if keep_mtime:                                            # bit rot: same size, same mtime
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def test_flipped_bytes_in_merged_shards_are_named(clean, tmp_path):
     m = clean.copy(tmp_path / "out")
     entries = m.read("manifest.json")["tensors"]
@@ -479,9 +490,10 @@ def test_rewritten_shard_is_verified_again(clean, tmp_path):
     """verify reads what is on disk now: a shard that write has rewritten is not taken as checked by an earlier run."""
     m = clean.copy(tmp_path / "out")
     entries = m.read("manifest.json")["tensors"]
-    shard = entries["blk.2.ffn_gate_exps.weight"]["shard"]
+    e = entries["blk.2.ffn_gate_exps.weight"]
+    shard = e["shard"]
     in_shard = {n for n, e in entries.items() if e["shard"] == shard}
-    os.utime(m.out / shard)                     # touched: write sees a changed output and writes the shard again
+    flip_byte(m.out / shard, e["offsets"][0] + 99)   # changed (new mtime): write's hash check fails, it writes it again
     res = cli("run", "--manifest", m.manifest, "--out", m.out, "--json")
     assert res.returncode == 0, res.stderr
     actions = {e["stage"]: e["action"] for e in json.loads(res.stdout)["stages"]}
@@ -505,14 +517,16 @@ def read_junit(path: Path) -> tuple[ET.Element, dict[str, ET.Element]]:
     names = [c.get("name") for c in cases]
     assert len(names) == len(set(names))
     assert suites[0].get("tests") == str(len(cases))
-    return suites[0], dict(zip(names, cases))
+    files = {c.get("name") for c in cases if c.get("classname") == "files"}
+    assert files >= {"model-00001-of-00005.safetensors", "config.json", "tokenizer_config.json"}, files
+    return suites[0], {n: c for n, c in zip(names, cases) if c.get("classname") != "files"}
 
 
 def test_junit_and_json_when_all_pass(clean, tmp_path):
     m = clean.copy(tmp_path / "out")
-    res = m.verify("--junit", tmp_path / "verify.xml", "--json")          # done: skipped, reported from verify.json
+    res = m.verify("--junit", tmp_path / "verify.xml", "--json")          # asked for: it reads everything again
     assert res.returncode == 0, res.stderr
-    assert "verify: done, inputs unchanged (skipped)" in res.stderr
+    assert "verify: running (asked for)" in res.stderr and "already done" not in res.stderr
     summary = json.loads(res.stdout)
     assert set(summary) == {"verdict", "summary", "failed"}
     assert summary["verdict"] == "pass" and summary["failed"] == [] and summary["summary"]["failed"] == 0
@@ -535,3 +549,112 @@ def test_junit_and_json_when_some_fail(swapped_experts, tmp_path):
     assert list(failures) == [bad] and suite.get("failures") == "1"
     assert failures[bad].get("message").startswith("expert 3: rel. error")
     assert "expert 7: rel. error" in failures[bad].text
+
+
+# -- 6. verify always looks (issue 16) --------------------------------------------------------------------------------
+
+def states(m: Merged) -> dict:
+    rows = json.loads(cli("status", "--manifest", m.manifest, "--out", m.out, "--json").stdout)["stages"]
+    return {r["stage"]: r["state"] for r in rows}
+
+
+@pytest.mark.parametrize("keep_mtime", [True, False], ids=["mtime_kept", "mtime_changed"])
+def test_verify_reads_a_changed_folder_and_run_repairs_only_that_shard(clean, tmp_path, keep_mtime):
+    m = clean.copy(tmp_path / "out")
+    name = "blk.2.ffn_up_exps.weight"
+    e = m.read("manifest.json")["tensors"][name]
+    flip_byte(m.out / e["shard"], e["offsets"][0] + 1000, keep_mtime)
+    res = m.verify()                                       # no --force: an explicit verify always reads
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert fail_lines(res) == [f"FAIL {name}: integrity: byte 1000 differs from the source {GGUF_NAME}"]
+    assert m.report["failed"] == [name] and m.read("manifest.json")["verified"] is False
+    assert states(m)["verify"] == "failed"
+    res = cli("run", "--manifest", m.manifest, "--out", m.out)
+    assert "(1 written, 4 kept from an earlier run)" in res.stderr, res.stderr      # only the damaged shard
+    assert_passed(res, m)
+    assert (m.out / e["shard"]).read_bytes() == (clean.out / e["shard"]).read_bytes()
+
+
+def test_copied_folder_verifies_clean_and_is_kept(clean, tmp_path):
+    """cp -r: new mtimes everywhere. verify checks it (no 'stale' refusal); afterwards run has nothing to do."""
+    m = Merged(clean.manifest, tmp_path / "copy")
+    shutil.copytree(clean.out, m.out, copy_function=shutil.copy)
+    assert (m.out / "model-00001-of-00005.safetensors").stat().st_mtime_ns != \
+        (clean.out / "model-00001-of-00005.safetensors").stat().st_mtime_ns
+    res = m.verify()
+    assert_passed(res, m)
+    assert set(states(m).values()) == {"done"}, states(m)
+    res = cli("run", "--manifest", m.manifest, "--out", m.out, "--json")
+    assert {e["stage"]: e["action"] for e in json.loads(res.stdout)["stages"]} == dict.fromkeys(
+        ("fetch", "reconcile", "write", "verify"), "skipped"), res.stderr
+
+
+def test_run_on_a_copied_folder_writes_nothing_again(clean, tmp_path):
+    m = Merged(clean.manifest, tmp_path / "copy")
+    shutil.copytree(clean.out, m.out, copy_function=shutil.copy)
+    res = cli("run", "--manifest", m.manifest, "--out", m.out)
+    assert "(0 written, 5 kept from an earlier run)" in res.stderr, res.stderr
+    assert_passed(res, m)
+
+
+def test_changed_source_is_not_taken_from_an_earlier_verify(tmp_path):
+    """Reuse of per-task results must be keyed by everything a task read. Layer 0 is dense, so its shard reads no
+    GGUF bytes and write keeps it when the GGUF changes; its parity tasks read the GGUF twins, which did change."""
+    m = merge(tmp_path, gguf=broken_gguf(tmp_path, None))
+    assert_passed(m.proc, m)
+    name = "blk.0.attn_q_a.weight"
+    broken_gguf(tmp_path, {name: lambda t: dataclasses.replace(t, data=np.ascontiguousarray(np.array(t.data)[::-1]))})
+    res = cli("run", "--manifest", m.manifest, "--out", m.out)
+    assert "(3 written, 2 kept from an earlier run)" in res.stderr, res.stderr       # shard 2 (layer 0) kept
+    assert_fails_only(res, m, name)
+
+
+def test_full_verify_compares_with_the_manifest_hash(clean, tmp_path):
+    """Bytes equal to the source, but manifest.json records another hash: that comparison must run."""
+    m = clean.copy(tmp_path / "out")
+    manifest = m.read("manifest.json")
+    name = "blk.0.attn_norm.weight"
+    manifest["tensors"][name]["xxh3_128"] = "f" * 32
+    (m.out / "manifest.json").write_text(json.dumps(manifest))
+    res = m.verify()
+    assert res.returncode == 1, res.stderr
+    lines = fail_lines(res)
+    assert len(lines) == 1 and lines[0].startswith(f"FAIL {name}: integrity: xxh3_128 ") and \
+        "differs from manifest.json's ffffffff" in lines[0], lines
+
+
+@pytest.mark.parametrize("where", ["no_folder", "a_folder"])
+def test_unwritable_junit_path_is_refused_before_verifying(clean, tmp_path, where):
+    m = clean.copy(tmp_path / "out")
+    path = tmp_path / "nowhere" / "v.xml" if where == "no_folder" else tmp_path
+    res = m.verify("--junit", path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    if where == "a_folder":                                   # click's own check of the option
+        assert "Invalid value for '--junit'" in res.stderr and "is a directory" in res.stderr, res.stderr
+    else:
+        assert [ln for ln in res.stderr.splitlines() if ln.startswith("error:")] == [
+            f"error: {path}: cannot write the JUnit report there"]
+    assert "verify: running" not in res.stderr and m.read("manifest.json")["verified"] is True
+
+
+def test_unreachable_scheduler_changes_nothing(clean, tmp_path):
+    m = clean.copy(tmp_path / "out")
+    before = m.read("manifest.json")
+    res = pipeline("verify", "--manifest", m.manifest, "--out", m.out, "--scheduler", "tcp://127.0.0.1:9",
+                   env={**ENV, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}, check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "--scheduler tcp://127.0.0.1:9: cannot connect" in errors[0], errors
+    assert m.read("manifest.json") == before and before["verified"] is True
+
+
+def test_verify_without_a_merged_folder_points_the_way(clean, tmp_path):
+    missing = tmp_path / "nothing"
+    res = cli("verify", "--manifest", clean.manifest, "--out", missing)
+    assert res.returncode == 2 and "no manifest.json" in res.stderr and not missing.exists(), res.stderr
+    bare = tmp_path / "bare"
+    shutil.copytree(clean.out, bare, ignore=shutil.ignore_patterns(".pipeline"))
+    res = cli("verify", "--manifest", clean.manifest, "--out", bare)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1 and f"verify --folder {bare}" in errors[0], res.stderr
+    assert not (bare / ".pipeline").exists()

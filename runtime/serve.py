@@ -266,6 +266,7 @@ class Server:
             raise OpenAIError(400, str(e), param=e.param, code=e.code) from None
         except QueueFull as e:
             raise OpenAIError(429, f"server busy: {e}", "rate_limit_error", code="rate_limit_exceeded") from None
+        seq.rid, seq.created = uuid.uuid4().hex, int(time.time())      # the response's id and timestamp
         return seq, q
 
     async def _events(self, request: Request, seq, q: asyncio.Queue):
@@ -390,7 +391,6 @@ class Server:
             raise OpenAIError(400, str(e), param=e.param, code=e.code) from None
         seq, q = self._submit(prompt, sampling, chat=True, reasoning=text.rstrip().endswith(THINK_OPEN),
                               tools=bool(tools) and choice != "none")
-        seq.rid, seq.created = uuid.uuid4().hex, int(time.time())
         calls = []
 
         def deltas(ev: Event) -> list[dict]:
@@ -446,7 +446,6 @@ class Server:
         except RequestError as e:
             raise OpenAIError(400, str(e), param="prompt") from None
         seq, q = self._submit(prompt, sampling)
-        seq.rid, seq.created = uuid.uuid4().hex, int(time.time())
         offset = [0]
 
         def logprobs(ev_list) -> dict | None:

@@ -586,8 +586,18 @@ class Engine:
             seq.next = token
             self._emit(seq, ev)
 
+    def _claim(self) -> None:
+        """The model's caches are this engine's only while no other engine has stepped on them: one that finds
+        another engine used the model since forgets what its free slots held (their tokens may be overwritten)."""
+        if _last_engine.get(id(self.net)) is not self:
+            for slot in self.slots:
+                if slot.seq is None:
+                    slot.tokens = []
+            _last_engine[id(self.net)] = self
+
     def step(self) -> bool:
         """One scheduling step (see the module docstring). Returns whether there was anything to do."""
+        self._claim()
         self.step_cancelled()
         self._admit()
         if not self.active:
@@ -695,6 +705,9 @@ class Engine:
         with self.lock:
             return dict(self.stats, active=len(self.active), waiting=len(self.waiting), slots=len(self.slots),
                         max_batch=self.max_batch, cached_slots=sum(1 for s in self.slots if s.tokens and s.seq is None))
+
+
+_last_engine: dict[int, Engine] = {}        # id(model.net) -> the engine that last stepped on its caches
 
 
 def _reads(template: str, name: str) -> bool:

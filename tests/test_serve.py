@@ -420,6 +420,16 @@ def test_queue_bound_counts_running_and_waiting(model):
     assert e.stats["finished"] == 3 and e.stats["cancelled"] == 1 and e.stats["rejected"] == 1
 
 
+def test_an_engine_forgets_its_cache_when_another_used_the_model(model):
+    a, b = Engine(model), Engine(model)
+    prompt = [0, 3, 120, 121, 122, 123]
+    list(a.run_sync(a.submit(prompt, Sampling(2, 0.0))))
+    list(b.run_sync(b.submit([0, 3, 99, 98, 97], Sampling(2, 0.0))))       # writes a slot a thinks it holds
+    again = a.submit(prompt, Sampling(2, 0.0))
+    list(a.run_sync(again))
+    assert again.cached == 0
+
+
 def test_long_prompt_is_prefilled_a_chunk_per_decode_step(model):
     """A 150-token prompt arriving while another sequence decodes is prefilled 16 tokens a step (the model's
     chunk), and the decoding sequence gets its next token at every step meanwhile; both replies equal their replies

@@ -6,15 +6,17 @@
 Interactive commands: `/exit` (or Ctrl-D) leaves, `/reset` starts a new conversation (same system prompt).
 Ctrl-C during a reply stops that reply and keeps the session.
 
-How a turn is fed: the conversation is rendered with the tokenizer's chat template (`apply_chat_template`,
-add_generation_prompt), and only the part of it the KV cache does not hold yet is tokenized and prefilled. That is
-valid only when the text the cache holds (its tokens, decoded) is a prefix of the new rendering, which is checked
-every turn: templates that rewrite earlier turns (R1's drops the reasoning of earlier replies, for instance) fail
-the check, and the whole conversation is then prefilled again from an empty cache.
+How a turn is fed: the conversation is rendered with the tokenizer's chat template (add_generation_prompt), and
+only the part of it that the conversation's tokens so far do not cover is tokenized; the engine (runtime.engine)
+then prefills only what its cache does not hold. That is valid only when the text of the tokens so far is a prefix
+of the new rendering, which is checked every turn: templates that rewrite earlier turns (R1's drops the reasoning of
+earlier replies, for instance) fail the check, and the whole conversation is tokenized again (the engine still
+reuses whatever prefix of those tokens it holds).
 
-The cache always holds exactly `Chat.cached` (positions 0 .. model.pos - 1). Ctrl-C keeps what was generated: the
-partial reply joins the conversation as the assistant's message and its tokens stay in the cache; a Ctrl-C before
-the first token of a reply undoes the whole turn (the user message is dropped, the cache rewound to before it).
+`Chat.cached` is the conversation's tokens in the engine's cache. Ctrl-C keeps what was generated: the partial reply
+joins the conversation as the assistant's message and its tokens stay in the cache; a Ctrl-C before the first token
+of a reply undoes the whole turn (the user message is dropped). A line that is not valid text (bytes that are not
+UTF-8) is refused with one line on stderr; the session goes on.
 
 After each reply a line of statistics goes to stderr (dimmed on a terminal): prompt tokens prefilled and their
 rate, tokens generated and the decode rate. Errors (a folder that cannot be served, a prompt longer than the
@@ -22,7 +24,6 @@ context, an unknown device) are one line on stderr, exit status 2.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -31,45 +32,17 @@ from typing import Callable
 
 import click
 
-ROOT = Path(__file__).resolve().parent.parent
+from runtime.engine import (DEFAULT_MODEL, Engine, RequestError, Sampling, TextStream,  # noqa: F401 (re-exported)
+                            check_text, generation_defaults)
+
 ACT_TERMS_HELP = ("GPU FP8 linears: activations as 2 e4m3 terms (x and its remainder, ~7 bits) or 1 "
                   "(DeepSeek's scheme, 3 bits; faster prefill).")
-DEFAULT_MODEL = ROOT / "out" / "tiny-deepseek-v3"
 GPU_MEMORY_HELP = ("GiB of GPU memory the model may take in all: weights, KV cache, buffers, and the routed experts "
                    "that fill the rest (default: all that is free).")
 
 
 class ContextFull(Exception):
     """The turn's prompt does not fit the context that is left."""
-
-
-class TextStream:
-    """Token ids in, text out as it becomes printable: a multi-byte character split over several byte-level tokens
-    comes out whole once its last byte has arrived (never as U+FFFD halves). Decodes a short window only."""
-
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
-        self.tok, self.skip = tokenizer, skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix = self.read = 0          # ids[prefix:read] is printed context; ids[read:] is not printed yet
-
-    def _decode(self, ids) -> str:
-        return self.tok.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        done = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
-        if len(text) > len(done) and not text.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return text[len(done):]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is held back (bytes that never completed a character come out as U+FFFD)."""
-        done = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return text[len(done):]
 
 
 @dataclass
@@ -82,6 +55,7 @@ class Turn:
     interrupted: bool = False
     reprefilled: bool = False     # the cache could not be reused: the whole conversation was prefilled
     context_full: bool = False    # the reply stopped because the context is full
+    cached_tokens: int = 0        # prompt tokens found in the cache (not prefilled)
 
     def stats(self) -> str:
         pp = self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else float("nan")
@@ -94,32 +68,32 @@ class Turn:
 
 
 class Chat:
-    """A conversation over one loaded model (runtime.api.Model), whose KV cache it owns."""
+    """A conversation over one loaded model (runtime.api.Model, or an Engine over one), through the engine."""
 
     def __init__(self, model, system: str | None = None, max_new_tokens: int = 512, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None):
-        self.model, self.system = model, system
+        self.engine = model if isinstance(model, Engine) else Engine(model)
+        self.model, self.system = self.engine.model, system
         self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
-        self.tok = model.tokenizer
+        self.tok = self.model.tokenizer
         self.reset()
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.cached: list[int] = []          # the tokens in the KV cache, positions 0 .. model.pos - 1
-        self.model.reset()
+        self.cached: list[int] = []          # this conversation's tokens in the engine's cache (prompt + reply)
 
     def render(self, messages: list[dict] | None = None) -> str:
-        return self.tok.apply_chat_template(self.messages if messages is None else messages, tokenize=False,
-                                            add_generation_prompt=True)
+        return self.engine.render(self.messages if messages is None else messages)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]   # the template writes BOS itself
+        return self.engine.encode(text)
 
     def cached_text(self) -> str:
         return self.tok.decode(self.cached, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def plan(self, messages: list[dict]) -> tuple[list[int], bool]:
-        """(tokens to feed, whether the cache must be dropped first) to bring the cache up to `messages`' rendering."""
+        """(tokens to add after the cached ones, whether those cannot be kept) to bring the conversation up to
+        `messages`' rendering. Only the new text is tokenized, so the reply's tokens stay as generated."""
         text = self.render(messages)
         held = self.cached_text() if self.cached else ""
         if self.cached and text.startswith(held):
@@ -128,54 +102,48 @@ class Chat:
 
     def say(self, user: str, emit: Callable[[str], None] = lambda s: None) -> Turn:
         """One turn: the reply streamed through emit(text piece). Raises ContextFull (the turn undone) when the
-        prompt does not fit; on KeyboardInterrupt returns the partial reply (see the module docstring)."""
-        from runtime.api import generate
-        m = self.model
+        prompt does not fit, RequestError for text that is not valid UTF-8; on KeyboardInterrupt returns the
+        partial reply (see the module docstring)."""
+        check_text(user, "the message")
+        eos, max_len = self.model.eos_id, self.model.net.max_len
         messages = self.messages + [{"role": "user", "content": user}]
         new, drop = self.plan(messages)
-        base = [] if drop else self.cached           # what the cache will hold below the new tokens
-        room = m.net.max_len - len(base) - len(new)
+        base = [] if drop else self.cached           # what the cache holds below the new tokens
+        room = max_len - len(base) - len(new)
         if room < 1:
             first = len(self.messages) == (1 if self.system else 0)
             raise ContextFull(f"{'the prompt' if first else 'the conversation'} is {len(base) + len(new)} tokens, "
-                              f"the context is {m.net.max_len} (--ctx)"
+                              f"the context is {max_len} (--ctx)"
                               + ("" if first else "; /reset to start over"))
-        if drop:
-            m.reset()
         self.messages = messages
-        stream, gen = TextStream(self.tok), []
         n_max = min(self.max_new_tokens, room)
         t0 = time.perf_counter()
-        t_first = t_last = None
+        seq = self.engine.submit(base + new, Sampling(n_max, self.temperature, self.top_p, self.seed))
+        gen: list[int] = []
         interrupted = False
         try:
-            for token in generate(m, new, max_new_tokens=n_max, temperature=self.temperature, top_p=self.top_p,
-                                  seed=self.seed):
-                t_last = time.perf_counter()
-                t_first = t_first or t_last
-                gen.append(token)
-                if token != m.eos_id:
-                    emit(stream.push(token))
-            emit(stream.flush())
+            for ev in self.engine.run_sync(seq):
+                gen += ev.tokens
+                if ev.content or (ev.tokens and ev.tokens[-1] != eos):
+                    emit(ev.content)
         except KeyboardInterrupt:
             interrupted = True
-        # generate feeds each token it yields when asked for the next one (not an EOS, nor one after which we
-        # stopped asking); a forward cut short never moved model.pos, and what it wrote past model.pos is
-        # overwritten before it is ever read
-        self.cached = (base + new + gen)[:m.pos]
+        # a token is fed at the decode step after the one that sampled it: the last one never is (nor an EOS);
+        # a step cut short changed nothing (the slot's tokens move only after a model call returns)
+        self.cached = seq.cache_tokens()
         if interrupted and not gen:
             self.messages = messages[:-1]            # no reply: undo the turn
-            self.cached = self.cached[:len(base)]
-            m.pos = len(self.cached)
+            self.cached = list(base)
         else:
-            reply = [t for t in gen if t != m.eos_id]
+            reply = [t for t in gen if t != eos]
             self.messages.append({"role": "assistant", "content": self.tok.decode(
                 reply, skip_special_tokens=True, clean_up_tokenization_spaces=False)})
         end = time.perf_counter()
-        return Turn(self.messages[-1]["content"] if gen else "", gen, len(new),
-                    (t_first or end) - t0, (t_last or end) - (t_first or end), interrupted, drop,
-                    context_full=not interrupted and len(gen) == n_max < self.max_new_tokens
-                    and gen[-1] != m.eos_id)
+        t_first, t_last = seq.t_first or end, seq.t_last or end
+        return Turn(self.messages[-1]["content"] if gen else "", gen, len(seq.prompt) - seq.cached,
+                    t_first - t0, t_last - t_first, interrupted, drop,
+                    context_full=not interrupted and len(gen) == n_max < self.max_new_tokens and gen[-1] != eos,
+                    cached_tokens=seq.cached)
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
@@ -188,35 +156,14 @@ def _fail(folder, message: str) -> None:
     sys.exit(2)
 
 
-def _generation_defaults(folder: Path) -> dict:
-    try:
-        g = json.loads((folder / "generation_config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    out = {k: float(g[k]) for k in ("temperature", "top_p") if isinstance(g.get(k), (int, float))}
-    if g.get("do_sample") is False:
-        out["temperature"] = 0.0
-    return out
-
-
 def load_model(folder: Path, device: str, threads: int | None, ctx: int, allow_unverified: bool, act_terms: int = 2,
                **options):
-    """runtime.api.load for a CLI: quiet transformers (imported only once the folder opened), threads for torch too;
-    any failure is one line, exit 2."""
-    import os
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")   # its tokenizer-class notice is not for chat users
-    import torch
-    import runtime.api as api
-    from runtime.load import ModelError
-    if threads:
-        torch.set_num_threads(threads)
+    """runtime.engine.load_model for a CLI (`options`: slots, chunk, gpu_memory); any failure is one line, exit 2."""
+    from runtime.engine import ModelError, load_model as load
     try:
-        return api.load(folder, device=device, threads=threads, max_len=ctx, allow_unverified=allow_unverified,
-                        act_terms=act_terms, **options)
+        return load(folder, device, threads, ctx, allow_unverified=allow_unverified, act_terms=act_terms, **options)
     except ModelError as e:
         _fail(folder, str(e))
-    except (OSError, ValueError, KeyError, TypeError) as e:  # a folder that is not what its files claim
-        _fail(folder, f"cannot load the model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
 
 class _Style:
@@ -254,7 +201,7 @@ def main(folder, device, act_terms, threads, max_new_tokens, temperature, top_p,
          allow_unverified, ctx, gpu_memory):
     """Chat with a merged DeepSeek-V3 model (interactive; /exit, /reset; Ctrl-C stops a reply)."""
     model = load_model(folder, device, threads, ctx, allow_unverified, act_terms, gpu_memory=gpu_memory)
-    defaults = _generation_defaults(folder)
+    defaults = generation_defaults(folder)
     temperature = defaults.get("temperature", 1.0) if temperature is None else temperature
     top_p = defaults.get("top_p", 1.0) if top_p is None else top_p
     chat = Chat(model, system, max_new_tokens, temperature, top_p, seed)
@@ -270,7 +217,7 @@ def main(folder, device, act_terms, threads, max_new_tokens, temperature, top_p,
     if prompt is not None:
         try:
             turn(prompt)
-        except ContextFull as e:
+        except (ContextFull, RequestError) as e:
             _fail(folder, str(e))
         return
 
@@ -283,6 +230,9 @@ def main(folder, device, act_terms, threads, max_new_tokens, temperature, top_p,
     while True:
         try:
             line = input("> ")
+        except UnicodeDecodeError as e:             # a terminal set to another encoding than stdin's
+            click.echo(f"error: that line is not valid {e.encoding} text ({e.reason}); try again", err=True)
+            continue
         except EOFError:
             sys.stdout.write("\n")
             return
@@ -303,6 +253,8 @@ def main(folder, device, act_terms, threads, max_new_tokens, temperature, top_p,
             turn(line)
         except ContextFull as e:
             click.echo(f"error: {folder}: {e}", err=True)
+        except RequestError as e:                   # text that is not valid UTF-8: this line only
+            click.echo(f"error: {e}; try again", err=True)
         except KeyboardInterrupt:                    # outside the reply itself (say() handles that)
             sys.stdout.write("\n")
 

@@ -350,11 +350,12 @@ def test_chat_prompt_is_deterministic(commands):
 
 def test_chat_turns_reuse_the_cache(model):
     chat = Chat(model, system="Answer briefly.", max_new_tokens=6, temperature=0)
+    slot = chat.engine.slots[0]
     t1 = chat.say("What is a page fault?")
     n1 = len(chat.cached)
     t2 = chat.say("And a TLB miss?")
     assert not t1.reprefilled and not t2.reprefilled
-    assert len(chat.cached) == model.pos
+    assert slot.tokens == chat.cached and t2.cached_tokens == n1
     full = chat.encode(chat.render(chat.messages[:-1]))             # the second prompt from scratch
     assert t2.prompt_tokens < len(full) - len(t1.tokens)          # only the new part was fed
     prompt = chat.cached[:n1 + t2.prompt_tokens]                   # the cache = the rendered prompt + the reply
@@ -362,27 +363,29 @@ def test_chat_turns_reuse_the_cache(model):
     assert chat.cached[len(prompt):] == t2.tokens[:len(chat.cached) - len(prompt)]
 
     # the cache holds exactly chat.cached: a fresh pass over those tokens writes the same latents
-    kv = [layer.attn.kv_cache[:model.pos].clone() for layer in model.net.layers]
-    n = model.pos
-    cached = list(chat.cached)
-    runtime.logits(model, cached)
-    assert (model.net.layers[0].attn.kv_cache[:n] - kv[0]).abs().max() <= 1e-4       # dense layer: float32 noise
+    n = len(chat.cached)
+    kv = [layer.attn.kv_cache[0, :n].clone() for layer in model.net.layers]
+    runtime.logits(model, list(chat.cached))
+    assert (model.net.layers[0].attn.kv_cache[0, :n] - kv[0]).abs().max() <= 1e-4   # dense layer: float32 noise
     for layer, before in zip(model.net.layers, kv):                                    # after MoE layers: Q8_K flips
-        assert (layer.attn.kv_cache[:n] - before).abs().max() <= 0.05 * before.abs().max()
+        assert (layer.attn.kv_cache[0, :n] - before).abs().max() <= 0.05 * before.abs().max()
 
-    # a template that rewrites an earlier turn (as R1's does) breaks the prefix: the conversation is prefilled again
+    # a template that rewrites an earlier turn (as R1's does) breaks the text prefix: the conversation is tokenized
+    # again, and the engine reuses only the tokens that still match
     chat = Chat(model, max_new_tokens=4, temperature=0)
     chat.say("What is a socket?")
     chat.messages[-1]["content"] = "A socket is an endpoint."
     t = chat.say("And a port?")
-    assert t.reprefilled and len(chat.cached) == model.pos
-    assert chat.tok.decode(chat.cached[:t.prompt_tokens]) == chat.render(chat.messages[:-1])
+    assert t.reprefilled and chat.engine.slots[0].tokens == chat.cached
+    assert 0 < t.cached_tokens <= len(chat.encode(chat.render([{"role": "user", "content": "What is a socket?"}])))
+    assert chat.tok.decode(chat.cached[:t.cached_tokens + t.prompt_tokens]) == chat.render(chat.messages[:-1])
 
 
 def test_chat_ctrl_c_keeps_a_consistent_cache(model):
     chat = Chat(model, max_new_tokens=12, temperature=0)
+    slot = chat.engine.slots[0]
     chat.say("Explain virtual memory.")
-    before = (list(chat.cached), model.pos, [dict(m) for m in chat.messages])
+    before = (list(chat.cached), [dict(m) for m in chat.messages])
 
     calls = []
 
@@ -393,13 +396,14 @@ def test_chat_ctrl_c_keeps_a_consistent_cache(model):
 
     t = chat.say("What is paging?", interrupt_on_third)
     assert t.interrupted and len(t.tokens) == 3
-    assert chat.messages[-1]["role"] == "assistant" and len(chat.messages) == len(before[2]) + 2   # partial kept
-    assert len(chat.cached) == model.pos == len(before[0]) + t.prompt_tokens + 2   # the 3rd token never fed
+    assert chat.messages[-1]["role"] == "assistant" and len(chat.messages) == len(before[1]) + 2   # partial kept
+    assert slot.tokens == chat.cached and len(chat.cached) == len(before[0]) + t.prompt_tokens + 2   # 3rd never fed
     t = chat.say("Go on.")
-    assert not t.reprefilled and not t.interrupted and len(chat.cached) == model.pos
+    assert not t.reprefilled and not t.interrupted and slot.tokens == chat.cached
+    assert t.cached_tokens == len(chat.cached) - t.prompt_tokens - len(t.tokens) + (t.tokens[-1] != model.eos_id)
 
-    # Ctrl-C before the first token: the turn is undone, the cache rewound
-    state = (list(chat.cached), model.pos, [dict(m) for m in chat.messages])
+    # Ctrl-C before the first token: the turn is undone; the slot holds no token it has not computed
+    state = (list(chat.cached), [dict(m) for m in chat.messages])
     prefill = model.net.prefill
 
     def interrupted_prefill(*a, **k):
@@ -411,7 +415,7 @@ def test_chat_ctrl_c_keeps_a_consistent_cache(model):
     finally:
         model.net.prefill = prefill
     assert t.interrupted and not t.tokens
-    assert (chat.cached, model.pos, chat.messages) == state
+    assert (chat.cached, chat.messages) == state and slot.tokens == chat.cached and slot.seq is None
     assert not chat.say("Go on.").reprefilled
 
 

@@ -196,11 +196,13 @@ def _emit(piece: str) -> None:
 @click.option("--prompt", default=None, help="Answer this one prompt and exit.")
 @click.option("--allow-unverified", is_flag=True, help="Serve a folder whose manifest.json says verified: false.")
 @click.option("--ctx", type=click.IntRange(min=2), default=4096, show_default=True, help="Context length (tokens).")
+@click.option("--chunk", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Prefill chunk (tokens a pass through attention).")
 @click.option("--gpu-memory", type=click.FloatRange(min=0), default=None, help=GPU_MEMORY_HELP)
 def main(folder, device, act_terms, threads, max_new_tokens, temperature, top_p, seed, system, prompt,
-         allow_unverified, ctx, gpu_memory):
+         allow_unverified, ctx, chunk, gpu_memory):
     """Chat with a merged DeepSeek-V3 model (interactive; /exit, /reset; Ctrl-C stops a reply)."""
-    model = load_model(folder, device, threads, ctx, allow_unverified, act_terms, gpu_memory=gpu_memory)
+    model = load_model(folder, device, threads, ctx, allow_unverified, act_terms, chunk=chunk, gpu_memory=gpu_memory)
     defaults = generation_defaults(folder)
     temperature = defaults.get("temperature", 1.0) if temperature is None else temperature
     top_p = defaults.get("top_p", 1.0) if top_p is None else top_p

@@ -113,7 +113,7 @@ def main():
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = build_folder(Path(tmp), 256, rng)
-        slots = max(args.batches)
+        slots = max(args.batches or [1])
         net = Transformer(folder, max_len=max_len, threads=threads, device="cuda", fp8=True, slots=slots,
                           chunk=args.chunk)
         dense_i, moe_i = 0, 1

@@ -335,8 +335,10 @@ def cluster(scheduler: str | None, workers: int | None):
             client = Client(scheduler)     # waits distributed.comm.timeouts.connect (dask config)
         else:
             local = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                 dashboard_address=":0", silence_logs="ERROR")   # a logging level name:
-            # the worker process passes it to Logger.setLevel, which refuses "error" (Nanny failed to start)
+                                 dashboard_address=":0", silence_logs="CRITICAL")   # a level name: the
+            # worker process passes it to Logger.setLevel, which refuses "critical". Not ERROR: a worker whose
+            # heartbeat races the scheduler's shutdown logs a traceback at ERROR; task failures still reach us
+            # through their futures.
             client = Client(local)
     except (OSError, TimeoutError, ValueError, TypeError) as e:
         if local:

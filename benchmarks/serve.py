@@ -158,7 +158,7 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(args.model), "--port",
                                str(port), "--ctx", str(args.ctx), "--max-batch", str(max(args.clients + [5])),
                                "--chunk", str(args.chunk), "--device", args.device],
-                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}, stderr=subprocess.PIPE,
                               text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -30,12 +30,14 @@ ggml's compute releases the GIL; one call at a time per graph (a lock), so layer
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -648,11 +650,13 @@ class Streamer:
 
 # The folder's memory map, page-locked for the GPU's DMA engines (cudaHostRegister, read-only): streamed experts
 # then cross at the PCIe rate straight from the page cache, instead of through a pinned staging copy that the
-# CPU's memory bandwidth caps below it. Each mapping (a shard file) is registered once, whole, on first use; the
-# pages stay resident. Where the driver refuses (no read-only registration, a memlock limit) the staging path
-# runs, with one note. DSV3_NO_HOST_REGISTER=1 keeps the staging path.
+# CPU's memory bandwidth caps below it. Each mapping (a shard file) is registered once, whole, on first use, and
+# unregistered when its array is freed (before the munmap): a later mapping at the same address must not inherit
+# a registration that pins the old pages. Where the driver refuses (no read-only registration, a memlock limit)
+# the staging path runs, with one note. DSV3_NO_HOST_REGISTER=1 keeps the staging path.
 _HOST_REGISTER_READ_ONLY = 8
-_registered: dict[int, bool] = {}
+_registered: dict[tuple[int, int], bool] = {}
+_refused_noted = False
 
 
 def _mapping(a: np.ndarray) -> np.ndarray:
@@ -661,6 +665,7 @@ def _mapping(a: np.ndarray) -> np.ndarray:
     return a
 
 
+@functools.cache
 def _cudart():
     import ctypes
     for line in open("/proc/self/maps"):
@@ -669,10 +674,18 @@ def _cudart():
     return None
 
 
+def _forget(key: tuple[int, int], ok: bool) -> None:
+    if ok:
+        import ctypes
+        _cudart().cudaHostUnregister(ctypes.c_void_p(key[0]))
+    _registered.pop(key, None)
+
+
 def host_registered(a: np.ndarray) -> bool:
     """Whether the memory map under `a` is page-locked for the GPU (registering it on first use)."""
+    global _refused_noted
     root = _mapping(a)
-    key = root.ctypes.data
+    key = (root.ctypes.data, root.nbytes)
     if key not in _registered:
         ok, why = False, "DSV3_NO_HOST_REGISTER is set"
         if not os.environ.get("DSV3_NO_HOST_REGISTER"):
@@ -680,16 +693,18 @@ def host_registered(a: np.ndarray) -> bool:
             rt = _cudart()
             why = "libcudart is not loaded"
             if rt is not None:
-                err = rt.cudaHostRegister(ctypes.c_void_p(key), ctypes.c_size_t(root.nbytes),
+                err = rt.cudaHostRegister(ctypes.c_void_p(key[0]), ctypes.c_size_t(key[1]),
                                           ctypes.c_uint(_HOST_REGISTER_READ_ONLY))
                 ok = err == 0
                 if not ok:
                     rt.cudaGetLastError()              # not sticky: clear it, or torch's next check reports it
                     why = f"cudaHostRegister failed (error {err})"
-        if not ok and not any(v is False for v in _registered.values()):
+        if not ok and not _refused_noted:
+            _refused_noted = True
             print(f"note: the model's memory map cannot be page-locked for the GPU ({why}); streamed experts go "
                   "through a pinned staging copy", file=sys.stderr)
         _registered[key] = ok
+        weakref.finalize(root, _forget, key, ok).atexit = False   # at exit the CUDA context may be gone first
     return _registered[key]
 
 

@@ -157,11 +157,27 @@ class Work:
         self.log.close()
 
 
+def experts_hash(hashes: list[str]) -> str:
+    """A tensor file's content hash: over its experts' own xxh3-128 hashes, in expert order."""
+    return "experts:" + xxhash.xxh3_128("".join(hashes).encode()).hexdigest()
+
+
 def record(t: dict, spec: str, final: Path, hashes: dict[int, str]) -> dict:
     st = final.stat()
-    content = xxhash.xxh3_128("".join(hashes[e] for e in sorted(hashes)).encode()).hexdigest()
-    return {"spec": spec, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "hash": f"experts:{content}",
-            "type": t["ggml_type"]}
+    return {"spec": spec, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "hash": experts_hash([hashes[e] for e in sorted(hashes)]), "type": t["ggml_type"]}
+
+
+def file_hash(path: Path, n_experts: int, advance) -> str:
+    """experts_hash of a finished file, read back expert by expert (bounded memory)."""
+    per = path.stat().st_size // n_experts
+    hashes = []
+    with open(path, "rb") as f:
+        for _ in range(n_experts):
+            data = f.read(per)
+            hashes.append(xxhash.xxh3_128(data).hexdigest())
+            advance(len(data))
+    return experts_hash(hashes)
 
 
 def tensor_spec(t: dict, plan: dict, versions: dict) -> str:
@@ -192,18 +208,29 @@ def run(ctx: Context) -> Result:
     old = read_json(ctx.out / RESULT) if (ctx.out / RESULT).exists() else {}
     for d in (DONE_DIR, WORK_DIR):
         (ctx.out / d).mkdir(parents=True, exist_ok=True)
-    files, todo = {}, []
+    files, todo, recheck = {}, [], []
     for t in tensors:
         spec = tensor_spec(t, plan, versions)
         rec = old.get("files", {}).get(f"{t['name']}.ggml")
         final = ctx.out / DONE_DIR / f"{t['name']}.ggml"
-        if not ctx.forced and rec and rec["spec"] == spec and final.exists() and \
-                (final.stat().st_size, final.stat().st_mtime_ns) == (rec["size"], rec["mtime_ns"]):
-            files[final.name] = rec                      # finished by an earlier run: keep it
+        st = final.stat() if final.exists() else None
+        if not ctx.forced and rec and rec["spec"] == spec and st and st.st_size == rec["size"]:
+            if st.st_mtime_ns == rec["mtime_ns"]:
+                files[final.name] = rec                  # finished by an earlier run: keep it
+            else:                                        # touched or copied (cp -r): kept if its bytes are the same
+                recheck.append((t, spec, final, rec))
         else:
             if ctx.forced:
                 (ctx.out / WORK_DIR / f"{t['name']}.log").unlink(missing_ok=True)
             todo.append((t, spec))
+    if recheck:                                      # reading back is minutes where quantizing again is hours
+        with byte_progress("check", sum(r["size"] for *_, r in recheck), len(recheck), "tensors") as advance:
+            for t, spec, final, rec in recheck:
+                if file_hash(final, len(t["experts"]), advance) == rec["hash"]:
+                    files[final.name] = dict(rec, mtime_ns=final.stat().st_mtime_ns)
+                else:
+                    todo.append((t, spec))
+                advance(0, 1)
     need = sum(t["shape"][0] for t, _ in todo)
     shards = max(0, plan["total_bytes"] - sum(p.stat().st_size for p in ctx.out.glob("model-*.safetensors")))
     free = shutil.disk_usage(ctx.out).free
@@ -237,7 +264,8 @@ def run(ctx: Context) -> Result:
     write_json(ctx.out / RESULT, {"mix": mix, **versions, "files": files}, ctx.out)
     n_experts = sum(len(t["experts"]) for t in tensors)
     total = sum(t["shape"][0] for t in tensors)
-    return Result(result=RESULT, outputs=[RESULT] + [f"{DONE_DIR}/{n}" for n in sorted(files)],
+    made = [f"{DONE_DIR}/{n}" for n in sorted(files)]
+    return Result(result=RESULT, outputs=[RESULT] + made, big=made,     # checked by the content check above
                   summary=f"{len(tensors)} tensors ({n_experts} experts) to {mix} with ggml {versions['ggml']}, "
                           f"{total / 1e9:.2f} GB ({len(todo)} quantized, {len(tensors) - len(todo)} kept)")
 

@@ -123,3 +123,25 @@ def test_gpu_memory_caps_the_budget(ref):
     cap = (torch.cuda.memory_reserved() + reserve + (5 << 20)) / 2**30
     assert X.expert_budget(torch.device("cuda"), reserve, cap) == pytest.approx(5 << 20, abs=2)
     assert X.expert_budget(torch.device("cuda"), reserve, 0) == 0
+
+
+def test_host_registration_follows_the_mapping(tmp_path):
+    """A memory map registered for direct upload is unregistered when freed: a later map of another file (often at
+    the same address) must upload its own bytes, not the pages a stale registration pinned."""
+    import gc
+    for i in range(3):
+        path = tmp_path / f"shard{i}.bin"
+        want = np.random.default_rng(i).integers(0, 256, 3 << 20, dtype=np.uint8)
+        want.tofile(path)
+        mapped = np.memmap(path, dtype=np.uint8, mode="r")
+        key = (mapped.ctypes.data, mapped.nbytes)
+        if not X.host_registered(mapped[1000:]):
+            pytest.skip("this driver refuses read-only host registration")
+        dev = torch.empty(mapped.nbytes, dtype=torch.uint8, device="cuda")
+        with torch.cuda.stream(torch.cuda.Stream()):
+            dev.copy_(X._host_tensor(mapped), non_blocking=True)
+        torch.cuda.synchronize()
+        assert torch.equal(dev.cpu(), torch.from_numpy(want)), f"map {i} uploaded other bytes"
+        del mapped
+        gc.collect()
+        assert key not in X._registered

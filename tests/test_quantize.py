@@ -298,3 +298,32 @@ def test_verify_keys_a_quantized_expert_by_the_file_it_read(tmp_path, quantized)
     made.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
     os.utime(made, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     assert key() != before
+
+
+def test_a_copied_folder_is_not_quantized_again(tmp_path, quantized):
+    """cp -r gives every file a new mtime: `run` on the copy reads the quantize stage's files back against the
+    content hashes it recorded and keeps them (hours of quantizing on the real model, minutes of reading); a file
+    whose bytes changed behind the record's back is quantized again, and only that one."""
+    import shutil
+    from stages import quantize
+    m = tmp_path / "m.yaml"
+    quantize_manifest(m)
+    copy = tmp_path / "copy"
+    shutil.copytree(quantized, copy, copy_function=shutil.copy)      # contents only: new mtimes, as cp -r
+    made = sorted((copy / quantize.DONE_DIR).glob("*.ggml"))
+    assert made and all(p.stat().st_mtime_ns != (quantized / quantize.DONE_DIR / p.name).stat().st_mtime_ns
+                        for p in made)
+    pipeline("run", "--manifest", m, "--out", copy)
+    produced = status(m, copy)["quantize"]["produced"]
+    assert f"(0 quantized, {len(made)} kept)" in produced, produced
+    assert final_files(copy) == final_files(quantized)
+
+    tampered = made[0]
+    data = bytearray(tampered.read_bytes())
+    data[100] ^= 1
+    tampered.write_bytes(bytes(data))
+    pipeline("run", "--manifest", m, "--out", copy)
+    produced = status(m, copy)["quantize"]["produced"]
+    assert f"(1 quantized, {len(made) - 1} kept)" in produced, produced
+    assert tampered.read_bytes() == (quantized / quantize.DONE_DIR / tampered.name).read_bytes()
+    assert final_files(copy) == final_files(quantized)

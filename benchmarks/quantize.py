@@ -7,11 +7,13 @@ whole model beside downloading the ~400 GB Q4_K_M GGUF.
 Synthetic FP8 experts of DeepSeek-V3's shapes (gate/up 2048 x 7168, down 7168 x 2048; e4m3 codes of Gaussian
 weights with 128x128 tile scales, as DeepSeek's checkpoint stores them) are written to a temp safetensors-like
 file and quantized by the stage's own per-expert function (stages.quantize.quantize_expert: pread, FP8 x scale,
-BF16 rounding, ggml_quantize_chunk), with the types of Q4_K_M: Q4_K gate/up, down Q6_K or Q4_K by layer.
+BF16 rounding, then Q4_K and Q6_K by stages/fastquant.c where it built and matched ggml, else
+ggml_quantize_chunk), with the types of Q4_K_M: Q4_K gate/up, down Q6_K or Q4_K by layer.
 Measured in one run:
 - per matrix type, CPU seconds per expert matrix on one thread (thread_time: what a core spends, whatever else
-  this shared host runs; the least of --repeats), and the same for ggml_quantize_chunk alone on ready float32 values (the bound: the
-  quantizer we must call; the rest is our reading, dequantizing and rounding);
+  this shared host runs; the least of --repeats), and the same for ggml_quantize_chunk alone on ready float32 values
+  (the baseline: what the stage cost when it called ggml for every type) and for fastquant alone (the rest of the
+  stage's time is reading, dequantizing and rounding);
 - the pool: all matrices on --threads threads, wall clock: experts/s and GB/s of FP8 read on this machine; the
   cores it really got (process CPU time / wall) and its CPU time against one thread's (> 1: threads cost extra).
 Projection: DeepSeek-V3 has 58 MoE layers x 256 experts x 3 matrices; under Q4_K_M 27 of the 58 layers' down
@@ -79,7 +81,7 @@ def main():
     root = os.path.dirname(tmp.name)
 
     # 1. one thread, CPU seconds per matrix, by type: the stage's function, and ggml's quantizer alone
-    per, bound = {}, {}
+    per, bound, alone = {}, {}, {}
     for proj, type_name in (("gate", "Q4_K"), ("down", "Q4_K"), ("down", "Q6_K")):
         _, expert, rows, cols = next(j for j in jobs if j[0] == proj)
         x = Q.round_bf16(Q.dequantize_fp8_block(Q._pread(os.path.join(root, expert["weight"][0]),
@@ -88,12 +90,19 @@ def main():
                                                          *expert["scale"][1:]).view(np.float32).reshape(
                                                     rows // 128, -1)))
         out = np.empty(rows * g.ggml_row_size(types[type_name], cols), np.uint8)
-        bound[(proj, type_name)] = per[(proj, type_name)] = float("inf")
+        bound[(proj, type_name)] = per[(proj, type_name)] = alone[(proj, type_name)] = float("inf")
+        fast = Q.fast_quantizer(types[type_name])
         for _ in range(a.repeats):              # the least CPU time of a few: a shared host only ever adds to it
             t0 = time.thread_time()
             g.ggml_quantize_chunk(types[type_name], x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
                                   out.ctypes.data_as(ctypes.c_void_p), 0, rows, cols, None)
             bound[(proj, type_name)] = min(bound[(proj, type_name)], time.thread_time() - t0)
+            if fast:
+                mine = np.empty_like(out)
+                t0 = time.thread_time()
+                fast(x, mine)
+                alone[(proj, type_name)] = min(alone[(proj, type_name)], time.thread_time() - t0)
+                assert mine.tobytes() == out.tobytes(), "fastquant's bytes differ from ggml's quantizer"
             t0 = time.thread_time()
             got = Q.quantize_expert(expert, root, types[type_name], rows, cols)
             per[(proj, type_name)] = min(per[(proj, type_name)], time.thread_time() - t0)
@@ -125,7 +134,9 @@ def main():
         "load_average": [round(x, 1) for x in os.getloadavg()],
         "cpu_s_per_matrix": {f"{p}/{t}": round(v, 4) for (p, t), v in per.items()},
         "quantizer_alone_cpu_s_per_matrix": {f"{p}/{t}": round(v, 4) for (p, t), v in bound.items()},
-        "overhead_vs_quantizer": round(cpu_total / bound_total, 3),
+        "fastquant_alone_cpu_s_per_matrix": {f"{p}/{t}": round(v, 4) for (p, t), v in alone.items() if v < 1e9},
+        "fastquant": sorted(t for t in types if Q.fast_quantizer(types[t])),
+        "stage_vs_ggml_quantizer_alone": round(cpu_total / bound_total, 3),
         "pool": {"threads": a.threads, "experts": a.experts, "wall_s": round(wall, 3),
                  "cores_used": round(pool_cpu / wall, 2),           # what the host gave us: < threads when shared
                  "cpu_s_vs_one_thread": round(pool_cpu / (a.experts * (2 * per[("gate", "Q4_K")] +
@@ -135,7 +146,7 @@ def main():
                      "fp8_GB_per_s": round(fp8_total / cpu_total / 1e9, 4)},
         "projection": {"experts": EXPERTS * LAYERS, "matrices": EXPERTS * LAYERS * 3, "q6_k_down_layers": q6,
                        "cpu_hours": round(cpu_total / 3600, 2), "cores": a.cores, "minutes": round(projected / 60, 2),
-                       "quantizer_alone_minutes": round(bound_total / a.cores / 60, 2),
+                       "ggml_quantizer_alone_minutes": round(bound_total / a.cores / 60, 2),
                        "fp8_read_GB": round(fp8_total / 1e9, 1),
                        "disk_GB_per_s_needed": round(fp8_total / projected / 1e9, 2)},
         "download_minutes": {k: round(v / 60, 2) for k, v in download.items()},
@@ -146,15 +157,18 @@ def main():
         return
     print(f"{r['machine']}, ggml {r['ggml']['ggml']}, {r['date']}, load average {r['load_average']}")
     for k, v in r["cpu_s_per_matrix"].items():
-        print(f"  {k:10s} {v:.3f} CPU s per matrix (ggml's quantizer alone {r['quantizer_alone_cpu_s_per_matrix'][k]:.3f})")
+        fq = r["fastquant_alone_cpu_s_per_matrix"].get(k)
+        print(f"  {k:10s} {v:.3f} CPU s per matrix (ggml's quantizer alone {r['quantizer_alone_cpu_s_per_matrix'][k]:.3f}"
+              + (f", fastquant alone {fq:.3f})" if fq is not None else ")"))
     pl = r["pool"]
     print(f"pool of {pl['threads']} threads: {pl['experts']} experts in {pl['wall_s']:.2f} s = {pl['experts_per_s']:.2f} "
           f"experts/s, {pl['fp8_GB_per_s']:.3f} GB/s of FP8 read; {pl['cores_used']:.2f} cores used, CPU time "
           f"{pl['cpu_s_vs_one_thread']:.2f}x one thread's")
     pj = r["projection"]
     print(f"DeepSeek-V3 Q4_K_M: {pj['experts']} experts x 3 matrices ({pj['q6_k_down_layers']}/58 down layers Q6_K): "
-          f"{pj['cpu_hours']:.2f} CPU hours -> {pj['minutes']:.1f} min on {pj['cores']} cores (quantizer alone "
-          f"{pj['quantizer_alone_minutes']:.1f} min), reading {pj['fp8_read_GB']} GB of FP8 at "
+          f"{pj['cpu_hours']:.2f} CPU hours -> {pj['minutes']:.1f} min on {pj['cores']} cores (ggml's quantizer alone "
+          f"{pj['ggml_quantizer_alone_minutes']:.1f} min: the stage is {r['stage_vs_ggml_quantizer_alone']:.2f}x "
+          f"that), reading {pj['fp8_read_GB']} GB of FP8 at "
           f"{pj['disk_GB_per_s_needed']:.2f} GB/s")
     print("download of 400 GB: " + ", ".join(f"{k} {v:.1f} min" for k, v in r["download_minutes"].items())
           + f"; goal (faster than 10 Gbit/s) {'met' if r['goal_met'] else 'NOT met'}")

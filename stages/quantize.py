@@ -4,8 +4,10 @@ Only under `gguf: {quantize: MIX}` in the manifest (otherwise the stage has noth
 tensor of the plan (type chosen by reconcile from llama.cpp's rules for MIX, stages/mixes.py), each expert is:
 read from the checkpoint, dequantized (FP8 code x its 128x128 tile scale, in float32: what llama.cpp's converter
 and DeepSeek's fp8_cast_bf16 do), rounded to BF16 (round to nearest even, the converter's output type), and
-quantized by ggml's own `ggml_quantize_chunk` with no importance matrix, which is what llama-quantize calls on
-those BF16 values widened to float32. The bytes are written at the expert's offset in `<name>.ggml`.
+quantized as ggml's own `ggml_quantize_chunk` with no importance matrix does, which is what llama-quantize calls on
+those BF16 values widened to float32 (Q4_K and Q6_K by stages/fastquant.c, which makes the same bytes several
+times faster and is used only once it has matched ggml in this process). The bytes are written at the expert's
+offset in `<name>.ggml`.
 
 Streaming and resumable: a pool of threads (ggml and numpy release the GIL) works one expert each, in bands of
 rows, so memory is a few expert-bands per thread. A tensor in progress lives in `.pipeline/quantize/` (its file
@@ -16,6 +18,7 @@ quantizer is deterministic the result is byte-identical. Write then copies these
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -26,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from . import fastquant, ggml_types
 from .dag import Context, Option, Result, Stage, digest
 from .dequant import dequantize_fp8_block
 from .errors import PipelineError
@@ -69,10 +73,28 @@ def _pread(path: str, offset: int, length: int) -> np.ndarray:
     return np.frombuffer(data, np.uint8)
 
 
+def ggml_bytes(type_name: str, x: np.ndarray) -> bytes:
+    """ggml's own bytes of x (float32, whole 256-value blocks) as `type_name`: what a fast quantizer must match."""
+    x = np.ascontiguousarray(x, np.float32)
+    t = ggml_types.get(type_name)
+    out = np.empty(t.nbytes((x.size,)), np.uint8)
+    ggml_module().ggml_quantize_chunk(t.id, x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                      out.ctypes.data_as(ctypes.c_void_p), 0, x.size // 256, 256, None)
+    return out.tobytes()
+
+
+def fast_quantizer(type_id: int):
+    """stages/fastquant.c's quantizer for this type where it built and matched ggml in this process, else None."""
+    name = ggml_types.name_of(type_id)
+    return fastquant.quantizer(name, functools.partial(ggml_bytes, name)) if name in fastquant.KERNELS else None
+
+
 def quantize_expert(expert: dict, root: str, type_id: int, rows: int, cols: int) -> np.ndarray:
-    """One expert's GGML bytes from its checkpoint tensor (F8_E4M3 with a scale, or BF16)."""
+    """One expert's GGML bytes from its checkpoint tensor (F8_E4M3 with a scale, or BF16). Q4_K and Q6_K go
+    through stages/fastquant.c where it built and matched ggml's bytes in this process, the rest through ggml."""
     g = ggml_module()
     row_bytes = g.ggml_row_size(type_id, cols)
+    fast = fast_quantizer(type_id) if cols % 256 == 0 else None
     out = np.empty(rows * row_bytes, np.uint8)
     rel, offset, length = expert["weight"]
     codes = _pread(os.path.join(root, rel), offset, length)
@@ -89,8 +111,11 @@ def quantize_expert(expert: dict, root: str, type_id: int, rows: int, cols: int)
         else:
             x = (codes[r0:r1].astype(np.uint32) << 16).view(np.float32)
         x = np.ascontiguousarray(x)
-        g.ggml_quantize_chunk(type_id, x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                              out[r0 * row_bytes:].ctypes.data_as(ctypes.c_void_p), 0, r1 - r0, cols, None)
+        if fast:
+            fast(x, out[r0 * row_bytes:r1 * row_bytes])
+        else:
+            g.ggml_quantize_chunk(type_id, x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                  out[r0 * row_bytes:].ctypes.data_as(ctypes.c_void_p), 0, r1 - r0, cols, None)
     return out
 
 
@@ -240,6 +265,9 @@ def run(ctx: Context) -> Result:
                             "written")
     n_workers = workers_option(ctx)
     root = plan["sources"]["fp8"]
+    fast = sorted({t["ggml_type"] for t, _ in todo if fast_quantizer(t["ggml_type_id"])})   # built here, not in a bar
+    if fast:
+        console.print(f"quantize: {' and '.join(fast)} by stages/fastquant.c (checked against ggml's bytes in this run)")
     works = []
     try:
         for t, spec in todo:

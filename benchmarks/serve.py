@@ -155,11 +155,11 @@ def main() -> None:
     args.clients = [int(x) for x in args.clients.split(",")]
 
     port = free_port()
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))   # the caller's too (device.sh)
     server = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", str(args.model), "--port",
                                str(port), "--ctx", str(args.ctx), "--max-batch", str(max(args.clients + [5])),
                                "--chunk", str(args.chunk), "--device", args.device],
-                              cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}, stderr=subprocess.PIPE,
-                              text=True)
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": path}, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):

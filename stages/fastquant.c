@@ -37,8 +37,8 @@ static inline int round_int1(float v) {
     return (i & 0x007fffff) - 0x00400000;
 }
 
-static inline vi clamp(vi l, int hi) {
-    l = seli(l < splati(0), splati(0), l);
+static inline vi clamp(vi l, int lo, int hi) {
+    l = seli(l < splati(lo), splati(lo), l);
     return seli(l > splati(hi), splati(hi), l);
 }
 
@@ -80,7 +80,7 @@ static void sub_blocks(const vf xt[32], vf *scale_out, vf *min_out, vi L[32]) {
     vf scale = splat(1.f) / iscale;
     vf best = splat(0.f);
     for (int i = 0; i < 32; ++i) {
-        L[i] = clamp(round_int(iscale * (xt[i] - mn)), nmax);
+        L[i] = clamp(round_int(iscale * (xt[i] - mn)), 0, nmax);
         vf diff = scale * __builtin_convertvector(L[i], vf) + mn - xt[i];
         best += w[i] * (diff * diff);
     }
@@ -90,7 +90,7 @@ static void sub_blocks(const vf xt[32], vf *scale_out, vf *min_out, vi L[32]) {
         vi Laux[32];
         vf sum_l = splat(0.f), sum_l2 = splat(0.f), sum_xl = splat(0.f);
         for (int i = 0; i < 32; ++i) {
-            Laux[i] = clamp(round_int(isc * (xt[i] - mn)), nmax);
+            Laux[i] = clamp(round_int(isc * (xt[i] - mn)), 0, nmax);
             vf wl = w[i] * __builtin_convertvector(Laux[i], vf);
             sum_l += wl;
             sum_l2 += wl * __builtin_convertvector(Laux[i], vf);
@@ -158,7 +158,7 @@ void dsv3_quantize_q4_K(const float *x, uint8_t *out, int64_t n) {
         }
         vi keep = d == splat(0.f);
         for (int i = 0; i < 32; ++i)
-            L[i] = seli(keep, L[i], clamp(round_int((xt[i] + dm) / d), 15));
+            L[i] = seli(keep, L[i], clamp(round_int((xt[i] + dm) / d), 0, 15));
 
         uint8_t *q = out + 16;
         for (int p = 0; p < 4; ++p)
@@ -182,9 +182,7 @@ static void q6_sub_blocks(const vf xt[16], vf *scale_out, vi L[16]) {
     vf isc = splat(-32.f) / mx;
     vf sumlx = splat(0.f), suml2 = splat(0.f);
     for (int i = 0; i < 16; ++i) {
-        vi l = round_int(isc * xt[i]);
-        l = seli(l < splati(-32), splati(-32), l);
-        l = seli(l > splati(31), splati(31), l);
+        vi l = clamp(round_int(isc * xt[i]), -32, 31);
         L[i] = l + splati(32);
         vf fl = __builtin_convertvector(l, vf);
         sumlx += w[i] * xt[i] * fl;
@@ -198,9 +196,7 @@ static void q6_sub_blocks(const vf xt[16], vf *scale_out, vi L[16]) {
         vi laux[16];
         sumlx = suml2 = splat(0.f);
         for (int i = 0; i < 16; ++i) {
-            vi l = round_int(isc * xt[i]);
-            l = seli(l < splati(-32), splati(-32), l);
-            l = seli(l > splati(31), splati(31), l);
+            vi l = clamp(round_int(isc * xt[i]), -32, 31);
             laux[i] = l;
             vf fl = __builtin_convertvector(l, vf);
             sumlx += w[i] * xt[i] * fl;
@@ -252,9 +248,7 @@ void dsv3_quantize_q6_K(const float *x, uint8_t *out, int64_t n) {
             for (int j = 0; j < LANES; ++j) d[j] = from_fp16(d16) * (float)s8[LANES * h + j];
             vi keep = d == splat(0.f);
             for (int i = 0; i < 16; ++i) {
-                vi l = round_int(xt[h][i] / d);
-                l = seli(l < splati(-32), splati(-32), l);
-                l = seli(l > splati(31), splati(31), l);
+                vi l = clamp(round_int(xt[h][i] / d), -32, 31);
                 vi v = seli(keep, L[h][i], l + splati(32));
                 for (int j = 0; j < LANES; ++j) Lf[16 * (LANES * h + j) + i] = (uint8_t)v[j];
             }

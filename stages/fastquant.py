@@ -74,7 +74,8 @@ _lock = threading.Lock()
 _checked: dict[str, Callable | None] = {}
 
 
-def quantizer(type_name: str, reference: Callable[[np.ndarray], bytes]) -> Callable[[np.ndarray, np.ndarray], None] | None:
+def quantizer(type_name: str,
+              reference: Callable[[np.ndarray], bytes]) -> Callable[[np.ndarray, np.ndarray], None] | None:
     """The fast quantizer `(x, out) -> None` of a type in KERNELS once it has matched `reference` (x -> that type's
     bytes by ggml), else None. Built and checked once per process and type, whichever thread asks first."""
     with _lock:

@@ -94,7 +94,7 @@ def quantize_expert(expert: dict, root: str, type_id: int, rows: int, cols: int)
     through stages/fastquant.c where it built and matched ggml's bytes in this process, the rest through ggml."""
     g = ggml_module()
     row_bytes = g.ggml_row_size(type_id, cols)
-    fast = fast_quantizer(type_id) if cols % 256 == 0 else None
+    fast = fast_quantizer(type_id)             # its types' rows are whole 256-value blocks, as ggml's
     out = np.empty(rows * row_bytes, np.uint8)
     rel, offset, length = expert["weight"]
     codes = _pread(os.path.join(root, rel), offset, length)
@@ -267,7 +267,8 @@ def run(ctx: Context) -> Result:
     root = plan["sources"]["fp8"]
     fast = sorted({t["ggml_type"] for t, _ in todo if fast_quantizer(t["ggml_type_id"])})   # built here, not in a bar
     if fast:
-        console.print(f"quantize: {' and '.join(fast)} by stages/fastquant.c (checked against ggml's bytes in this run)")
+        console.print(f"quantize: {' and '.join(fast)} by stages/fastquant.c (checked against ggml's bytes in this "
+                      "run)")
     works = []
     try:
         for t, spec in todo:

@@ -1,5 +1,5 @@
-"""stages/fastquant.c: Q4_K and Q6_K bytes equal to ggml's own quantizer (its reference code, no importance matrix) on fresh
-random data, and the quantize stage's fallbacks to ggml (no compiler, bytes that differ) said in one note."""
+"""stages/fastquant.c: Q4_K and Q6_K bytes equal to ggml's own quantizer (its reference code, no importance matrix)
+on fresh random data, and the quantize stage's fallbacks to ggml (no compiler, bytes that differ) said in one note."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,7 +37,8 @@ def test_without_a_compiler_the_stage_quantizes_with_ggml(tmp_path):
     m = quantize_manifest(tmp_path / "m.yaml")
     env = {"CC": "/bin/false", "XDG_CACHE_HOME": str(tmp_path / "cache")}
     p = pipeline("run", "--manifest", m, "--out", tmp_path / "ggml", env=env)
-    assert "note: the fast quantizers (fastquant.c) did not build" in p.stderr and "by stages/fastquant.c" not in p.stdout
+    assert "note: the fast quantizers (fastquant.c) did not build" in p.stderr
+    assert "by stages/fastquant.c" not in p.stdout
     assert p.stderr.count("note: the fast quantizers") == 1
     q = pipeline("run", "--manifest", m, "--out", tmp_path / "fast", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert "Q4_K and Q6_K by stages/fastquant.c" in q.stdout + q.stderr

@@ -10,10 +10,11 @@ exceed 3x the L2 (every layer reads its own cache), median of replays. GB/s = th
 (B x P x 576 x 2) over the kernel time, against a 2 GiB device copy (read + written) in the same run. `span`: the
 step at 1K under a graph span (bound) of 128K, over the one at span 1K: the kernel follows each row's length, not
 the span. Check first: real shapes against a float64 reference, outputs poisoned.
-Prefill: chunks of 512, 2K, 8K tokens at offsets 0 and 24K through both forms (SDPA on the expanded form, the
+Prefill: chunks of 512, 2K, 8K tokens at offsets 0 and 24K through the forms (SDPA on the expanded form, the
 absorbed Triton kernel), TFLOP/s of each form's own work (causal: the chunk's rows see offset + (t + 1) keys) against
 a bf16 8192^3 matmul; `picked` is what prefill_form chooses.
---quick: B = 1 and 16, P = 1K and 32K, chunks 512 and 8K. --sweep: also time decode launch shapes at 32K (B = 1,
+`cudnn`: the expanded form through cuDNN's fused attention (SDPA_BACKEND "cudnn") instead of torch's flash kernel.
+--quick: B = 1 and 16, P = 1K and 32K. --sweep: also time decode launch shapes at 32K (B = 1,
 16) and prefill launch shapes at 2K tokens, offset 24K.
 """
 import argparse
@@ -77,6 +78,7 @@ def check(w_kb, w_vb) -> float:
         pos = torch.arange(p0, p0 + T, device=dev)
         rows = [ref(qn[t], qp[t], 2, p0 + t) for t in range(0, T, 97)]
         for f in (A.prefill_sdpa(qn, qp, kv, pe, 2, p0 + T, w_kb, w_vb, SCALE),
+                  cudnn_sdpa(qn, qp, kv, pe, 2, p0 + T, w_kb, w_vb, SCALE),
                   A.prefill_triton(qn, qp, kv, pe, 2, pos, w_kb, w_vb, SCALE)):
             worst = max(worst, err(f[::97], rows))
     A.EXPAND_KEYS = keys
@@ -117,7 +119,16 @@ def event_time(fn, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def time_prefill(w_kb, w_vb, T: int, offset: int, cfg: dict = A.PREFILL, forms=("sdpa", "triton")) -> dict:
+def cudnn_sdpa(*a):
+    """prefill_sdpa with cuDNN's fused attention (A.SDPA_BACKEND = "cudnn") for this call."""
+    keep, A.SDPA_BACKEND = A.SDPA_BACKEND, "cudnn"
+    try:
+        return A.prefill_sdpa(*a)
+    finally:
+        A.SDPA_BACKEND = keep
+
+
+def time_prefill(w_kb, w_vb, T: int, offset: int, cfg: dict = A.PREFILL, forms=("sdpa", "cudnn", "triton")) -> dict:
     S = offset + T
     kv, pe = caches(1, S)
     qn, qp = torch.randn(T, H, NOPE, device=dev), torch.randn(T, H, DR, device=dev)
@@ -125,7 +136,9 @@ def time_prefill(w_kb, w_vb, T: int, offset: int, cfg: dict = A.PREFILL, forms=(
     pairs = T * offset + T * (T + 1) / 2                          # (row, key) pairs a causal chunk computes
     flops = {"sdpa": 2 * pairs * H * (NOPE + DR + VD) + 2 * S * H * (NOPE + VD) * DL,
              "triton": 2 * pairs * H * (DL + DR + DL)}
+    flops["cudnn"] = flops["sdpa"]
     run = {"sdpa": lambda: A.prefill_sdpa(qn, qp, kv, pe, 0, S, w_kb, w_vb, SCALE),
+           "cudnn": lambda: cudnn_sdpa(qn, qp, kv, pe, 0, S, w_kb, w_vb, SCALE),
            "triton": lambda: A.prefill_triton(qn, qp, kv, pe, 0, pos, w_kb, w_vb, SCALE, cfg)}
     r = {"T": T, "offset": offset, "picked": A.prefill_form(T)}
     for f in forms:
@@ -159,11 +172,12 @@ def main():
     props = torch.cuda.get_device_properties(dev)
     print(f"{props.name}, {props.multi_processor_count} SMs, L2 {G.L2 >> 20} MiB, torch {torch.__version__}; "
           f"device copy {ceil['copy_gbs']:.0f} GB/s, bf16 matmul {ceil['bf16_tflops']:.0f} TFLOP/s; "
-          f"check vs float64: worst relative error {worst:.2e}", flush=True)
+          f"check vs float64: worst relative error {worst:.2e}; cuDNN attention: "
+          f"{'runs' if A._cudnn_error is None else A._cudnn_error}", flush=True)
     Bs, Ps = ((1, 16), (1024, 32768)) if args.quick else ((1, 4, 16), (1024, 8192, 32768, 131072))
     decode = [time_decode(w_kb, w_vb, B, P, P) for B in Bs for P in Ps]
     span = {B: time_decode(w_kb, w_vb, B, 1024, 131072) for B in Bs}
-    chunks = (512, 8192) if args.quick else (512, 2048, 8192)
+    chunks = (512, 2048, 8192)
     prefill = [time_prefill(w_kb, w_vb, T, off) for off in (0, 24576) for T in chunks]
     sweep = {"decode": [], "prefill": []}
     if args.sweep:
@@ -189,10 +203,12 @@ def main():
     for B, r in span.items():
         print(f"span 128K at 1K, B={B:2d}: step {r['step_us']:.1f} us ({r['splits']} splits), "
               f"{r['step_us'] / first[B]:.2f}x the step at span 1K")
-    print("\nprefill:   T  offset  picked   sdpa ms  TFLOP/s  +GiB   triton ms  TFLOP/s  +GiB   triton/sdpa")
+    print("\nprefill:   T  offset  picked   sdpa ms  TFLOP/s  +GiB  cudnn ms  TFLOP/s   triton ms  TFLOP/s  +GiB   "
+          "triton/sdpa")
     for r in prefill:
         print(f"{r['T']:10d} {r['offset']:7d} {r['picked']:>7s} {r['sdpa_ms']:9.2f} {r['sdpa_tflops']:8.0f} "
-              f"{r['sdpa_extra_gib']:5.1f} {r['triton_ms']:11.2f} {r['triton_tflops']:8.0f} "
+              f"{r['sdpa_extra_gib']:5.1f} {r['cudnn_ms']:9.2f} {r['cudnn_tflops']:8.0f} "
+              f"{r['triton_ms']:11.2f} {r['triton_tflops']:8.0f} "
               f"{r['triton_extra_gib']:5.1f} {r['triton_ms'] / r['sdpa_ms']:12.2f}")
     for r in sweep["decode"]:
         cfg = {k: v for k, v in r["cfg"].items() if A.DECODE.get(k) != v} or "default"

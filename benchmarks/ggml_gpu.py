@@ -8,11 +8,12 @@ runtime/ggml_gpu.py on the GPU, every figure against a bound measured in the sam
   28.5 MB each) through moe()'s GEMV path, captured in a CUDA graph that runs 8 such steps over different experts
   (1.8 GB, far past the L2): expert bytes / time as GB/s and its share of the copy bandwidth; over a few tile shapes
   (--quick: the module's default only); then T = 1..64 tokens through both paths (the DECODE_MAX_TOKENS crossover);
-- prefill: 512, 2048, 8192 tokens, k = 8 of 256 experts all resident, through the grouped GEMM: TFLOP/s (6 x hidden x
-  inter per token-expert pair) against one bf16 torch.matmul of the same FLOPs, over a few tile shapes (--quick: the
-  module's default only).
+- prefill: 512, 2048, 8192, 32768 tokens, k = 8 of 256 experts all resident, through the grouped GEMM (over a few
+  tile shapes; --quick: the module's default only) and the dense path (bf16 dequantization + torch's grouped GEMM):
+  TFLOP/s (6 x hidden x inter per token-expert pair) against one bf16 torch.matmul of the same FLOPs; where they
+  cross is DENSE_MIN_ROWS.
 
-Before timing, a check: GEMV and GEMM results against a float64 reference (one token, and 64 tokens).
+Before timing, a check: GEMV, GEMM and dense results against a float64 reference (one token, and 64 tokens).
 
     python -m benchmarks.ggml_gpu [--json] [--quick]        (from the repository root, on a GPU machine)
 
@@ -129,7 +130,7 @@ def main():
               random_stack(GG.Q6_K, n_check, HIDDEN, INTER, gen))
     local = torch.arange(n_check, dtype=torch.int32, device=dev)
     check = {}
-    for method, T in (("gemv", 1), ("gemm", 64)):
+    for method, T in (("gemv", 1), ("gemm", 64), ("dense", 64)):
         x = torch.randn(T, HIDDEN, device=dev, generator=gen)
         ids = torch.stack([torch.randperm(n_check, device=dev, generator=gen) for _ in range(T)])
         w = torch.rand(T, n_check, device=dev, generator=gen)
@@ -137,7 +138,7 @@ def main():
         check[method] = rel(out, reference(x, ids, w, local, *stacks))
         print(f"check {method} T={T}: rel err vs float64 {check[method]:.2e}")
     res["check_rel_err"] = check
-    assert check["gemv"] < 1e-4 and check["gemm"] < 1.5e-2, check
+    assert check["gemv"] < 1e-4 and check["gemm"] < 1.5e-2 and check["dense"] < 1.5e-2, check
     del stacks
 
     # --- dequantize: 16 experts' worth of rows per type
@@ -199,9 +200,9 @@ def main():
     local = torch.arange(EXPERTS, dtype=torch.int32, device=dev)
     res["prefill"] = {}
     default = GG.GEMM["cuda"]
-    for T in (512, 2048, 8192):
+    for T in (512, 2048, 8192, 32768):
         x = torch.randn(T, HIDDEN, device=dev, generator=gen)
-        ids = torch.stack([torch.randperm(EXPERTS, device=dev, generator=gen)[:K] for _ in range(T)])
+        ids = torch.rand(T, EXPERTS, device=dev, generator=gen).topk(K, dim=1).indices
         w = torch.rand(T, K, device=dev, generator=gen)
         flops = 6 * T * K * HIDDEN * INTER
         base = matmul_tflops(T * K, 3 * INTER, HIDDEN, gen)        # same FLOPs: (pairs, hidden) x (hidden, 3 inter)
@@ -213,6 +214,10 @@ def main():
             print(f"prefill T={T} (GEMM BM/BN/groups/warps {cfg}): {ms:.2f} ms, {flops / ms / 1e9:.0f} TFLOP/s "
                   f"({flops / ms / 1e9 / base:.0%} of bf16 matmul, {base:.0f} TFLOP/s)")
         GG.GEMM["cuda"] = default
+        ms = bench_ms(lambda: GG.moe(x, ids, w, local, gate, up, down, method="dense"))
+        row["dense"] = {"ms": ms, "TFLOPs": flops / ms / 1e9, "of_bf16": flops / ms / 1e9 / base}
+        print(f"prefill T={T} (dense: bf16 dequantization + grouped GEMM): {ms:.2f} ms, "
+              f"{flops / ms / 1e9:.0f} TFLOP/s ({flops / ms / 1e9 / base:.0%} of bf16 matmul)")
         res["prefill"][T] = row
 
     one = res["decode_1tok"][str(GG.GEMV["cuda"])]

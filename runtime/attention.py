@@ -18,8 +18,9 @@ On a GPU the same call takes Triton kernels on the absorbed form, or torch's fla
   parallelism and a second kernel merges the splits by their log-sum-exp. Each row reads its slot and position from
   device memory and splits its own true length, so a step is a fixed pair of launches (a CUDA graph captures it)
   whose cost follows the context, not the graph's span: a program past its row's length loads and writes nothing.
-- prefill, picked per chunk by `prefill_form`: flash attention on the expanded form (`prefill_sdpa`: the slot's
-  cache expanded per head through W_kb / W_vb a piece of keys at a time, the pieces merged by their log-sum-exp),
+- prefill, picked per chunk by `prefill_form`: fused attention (cuDNN's, else torch's flash kernel) on the expanded
+  form (`prefill_sdpa`: the slot's cache expanded per head through W_kb / W_vb a piece of keys at a time, the pieces
+  merged by their log-sum-exp),
   or for short chunks the absorbed kernel: the decode launch (one token a tile, split over the keys), or where
   heads are fewer than a tile, tiles of TOK consecutive tokens x BLOCK_H heads (`prefill_triton`).
 """
@@ -39,6 +40,8 @@ KEY_BLOCK = 256                   # keys per online-softmax step: the same block
                                   # prefilled in chunks sums in the same order as in one pass
 EXPAND_KEYS = 8192                # keys expanded per head at once (prefill_sdpa): ~1.3 GiB at DeepSeek's shape
 SDPA_MIN_ROWS = 192               # prefill chunks from this many rows take the expanded form (see prefill_form)
+SDPA_BACKEND = os.environ.get("DSV3_SDPA", "cudnn")    # the expanded form's fused attention: "cudnn" (cuDNN's, v at
+                                                       # its own head size) or "flash" (torch's; see _attend_lse)
 LOG2E = 1.4426950408889634
 
 # Launch shapes (benchmarks/attention.py --sweep times the alternatives; benchmarks/attention_sass.py shows what
@@ -265,11 +268,10 @@ def _mla_combine_kernel(part_ptr, lse_ptr, pos_ptr, out_ptr, s_ot, s_oh, s_os, M
 
 def prefill_sdpa(q_nope, q_pe, kv, pe, slot: int, end: int, w_kb, w_vb, scale):
     """A prefill chunk of T rows (the last T of positions 0..end-1 of `slot`) on the expanded form: per head
-    k = [W_kb c_kv, k_rope], v = W_vb c_kv (padded to k's width: the flash kernel takes one head size). The keys
-    are expanded EXPAND_KEYS at a time, so memory stays bounded whatever the context: the cache before the chunk in
-    unmasked pieces, then the chunk's own keys (square causal), each piece through flash attention with its
-    log-sum-exp, the pieces merged by it. Where torch's flash op is missing, says so once and the chunk takes the
-    absorbed kernel."""
+    k = [W_kb c_kv, k_rope], v = W_vb c_kv. The keys are expanded EXPAND_KEYS at a time, so memory stays bounded
+    whatever the context: the cache before the chunk in unmasked pieces, then the chunk's own keys (square causal),
+    each piece through fused attention with its log-sum-exp (_attend_lse), the pieces merged by it. Where no fused
+    op runs, says so once and the chunk takes the absorbed kernel."""
     T, H, nope = q_nope.shape
     vd = w_vb.shape[1]
     offset = end - T
@@ -281,12 +283,11 @@ def prefill_sdpa(q_nope, q_pe, kv, pe, slot: int, end: int, w_kb, w_vb, scale):
     for a, b, causal in pieces:
         kvb = (kv[slot, a:b] @ w.T).view(b - a, H, nope + vd).transpose(0, 1)           # (H, keys, nope + v)
         k = torch.cat([kvb[..., :nope], pe[slot, a:b].to(kv.dtype).expand(H, b - a, pe.shape[-1])], -1)
-        v = F.pad(kvb[..., nope:], (0, k.shape[-1] - vd))
+        part = _attend_lse(q, k[None], kvb[None, ..., nope:], causal, scale)
         del kvb
-        part = _attend_lse(q, k[None], v[None], causal, scale)
         if part is None:
             return None
-        o_i, lse_i = part[0][0, :, :, :vd].float(), part[1][0].float()                  # (H, T, v), (H, T)
+        o_i, lse_i = part[0][0, :, :, :vd].float(), part[1][0].reshape(H, T).float()   # (H, T, v), (H, T)
         if o is None:
             o, lse = o_i, lse_i
             continue
@@ -297,16 +298,28 @@ def prefill_sdpa(q_nope, q_pe, kv, pe, slot: int, end: int, w_kb, w_vb, scale):
 
 
 def _attend_lse(q, k, v, causal: bool, scale: float):
-    """(softmax(q k^T * scale) v, its natural-log log-sum-exp (B, H, T)) by torch's flash kernel; on the CPU (the
-    tests' check of the piecewise merge) in float32 torch ops. None where the flash op fails (said once)."""
+    """(softmax(q k^T * scale) v, its natural-log log-sum-exp (B, H, T[, 1])) for v's head size at most k's: by
+    cuDNN's fused attention where SDPA_BACKEND says so and it runs (it takes v at its own head size), else torch's
+    flash kernel (v padded to k's head size); on the CPU (the tests' check of the piecewise merge) in float32 torch
+    ops. None where the flash op fails (said once); a cuDNN failure is said once and the flash kernel takes over."""
     if not q.is_cuda:
         s = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float()) * scale
         if causal:
             s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
         return torch.softmax(s, -1) @ v.float(), torch.logsumexp(s, -1)
-    global _flash_error
+    global _flash_error, _cudnn_error
+    if SDPA_BACKEND == "cudnn" and _cudnn_error is None:
+        try:
+            out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v.contiguous(), None, True, 0.0, causal,
+                                                                      False, scale=scale)
+            return out[0], out[1]
+        except Exception as e:         # a cuDNN without fused attention for these shapes
+            _cudnn_error = e
+            warnings.warn(f"runtime.attention: cuDNN's attention failed ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:120]}); prefill chunks take torch's flash kernel")
     if _flash_error is None:
         try:
+            v = F.pad(v, (0, k.shape[-1] - v.shape[-1]))
             out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
             return out[0], out[1]
         except Exception as e:         # a torch without the op, or one whose flash build refuses these shapes
@@ -317,6 +330,7 @@ def _attend_lse(q, k, v, causal: bool, scale: float):
 
 
 _flash_error: Exception | None = None
+_cudnn_error: Exception | None = None
 
 
 def _blockwise(q_nope, q_pe, kv, pe, slots, pos, w_kb, w_vb, scale, bound):

@@ -410,12 +410,15 @@ class LayerExperts:
 
     # ------------------------------------------------------------------------------------ the two parts
 
-    def gpu_part(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
-        """The resident experts' share (float32 (T, hidden) on the device), or None if none is resident. Queued
-        without a host sync (CUDA-graph capturable)."""
+    def gpu_part(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 hist: np.ndarray | None = None) -> torch.Tensor | None:
+        """The resident experts' share (float32 (T, hidden) on the device), or None if none is resident. A decode
+        batch's is queued without a host sync (CUDA-graph capturable); a long prefill's reads its per-expert pair
+        counts back once, unless `hist` (pairs per global expert, on the host) gives them."""
         if self.stacks is None:
             return None
-        return gpu_kernels().moe(x, ids, weights, self.local, *self.stacks)
+        counts = None if hist is None else hist[np.flatnonzero(self.resident)]
+        return gpu_kernels().moe(x, ids, weights, self.local, *self.stacks, counts=counts)
 
     def cpu_part(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, launch=None,
                  out: torch.Tensor | None = None):
@@ -575,7 +578,8 @@ class Streamer:
             ids_np: np.ndarray) -> torch.Tensor:
         """Every routed expert of the chunk on the GPU: resident ones from their stacks, the rest streamed."""
         gg = gpu_kernels()
-        out = layer.gpu_part(x, ids, weights)
+        hist = np.bincount(ids_np.ravel(), minlength=layer.n_experts)   # pairs per expert: no sync in moe()
+        out = layer.gpu_part(x, ids, weights, hist)
         out = torch.zeros((x.shape[0], layer.cpu.hidden), dtype=torch.float32, device=x.device) if out is None else out
         need = self.needed(layer, ids_np)
         per = self.slot_bytes // layer.per_expert
@@ -600,7 +604,7 @@ class Streamer:
                 s["copied"].record(self.copy_stream)
             compute.wait_event(s["copied"])
             stacks = [gg.GpuStack(v, m.ggml_type, m.shape[1], m.shape[2]) for v, m in zip(views, layer._mats)]
-            out += gg.moe(x, ids, weights, maps[j], *stacks)
+            out += gg.moe(x, ids, weights, maps[j], *stacks, counts=hist[batch])
             s["used"].record(compute)
         return out
 
@@ -783,7 +787,7 @@ def setup_gpu(layers: dict[int, LayerExperts], folder, device, reserve: int,
     device = torch.device(device)
     biggest = max(le.per_expert for le in layers.values())
     slot = max(biggest, min(STAGE_BYTES, 32 * biggest))
-    budget = expert_budget(device, reserve + 2 * slot, gpu_memory)
+    budget = expert_budget(device, reserve + 2 * slot + gpu_kernels().DENSE_BYTES, gpu_memory)
     streamer = Streamer(device, slot) if expert_budget(device, reserve, gpu_memory) >= 2 * slot else None
     for le in layers.values():
         le.streamer = streamer

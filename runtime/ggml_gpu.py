@@ -16,6 +16,8 @@ here is built on it:
 - prefill (`moe` with many tokens): token-expert pairs sorted by expert on the GPU (torch.sort, searchsorted: no
   host sync either), tiles of BM pairs of one expert; each program dequantizes its weight tile to bf16 in registers
   and feeds tl.dot (fp32 accumulation); down's results are added into the output with atomics (k per token).
+- long prefill (`moe` with many rows per expert): the experts dequantized to bf16 by the same `dequantize`, then
+  torch's grouped GEMM; dequantizing once per expert beats dequantizing once per tile when tiles per expert are many.
 
 Block layouts (little-endian; value index v in 0..QK-1):
   Q4_K 144 B / 256: d f16, dmin f16, scales[12] (6-bit scale and min per 32 values), qs[128] (nibbles, low nibbles
@@ -27,9 +29,11 @@ Block layouts (little-endian; value index v in 0..QK-1):
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -46,6 +50,9 @@ DECODE_MAX_TOKENS = 8       # moe(): up to this many tokens take the GEMV path, 
 GEMV = {"cuda": (8, 8, 4), "cpu": (256, 8, 1)}
 GEMM = {"cuda": (64, 64, 2, 4), "cpu": (64, 256, 8, 1)}
 GEMM_LARGE = (128, 128, 2, 8), 4096     # from this many tokens on the GPU (measured: 1.23x the default at 8192)
+DENSE_MIN_ROWS = 128        # moe(): from this many rows per expert (expected), bf16 experts + a grouped GEMM
+                            # (benchmarks/ggml_gpu.py times both prefill paths per token count)
+DENSE_BYTES = 1 << 30       # the dense path's bf16 weights at once (whole experts, at least one)
 DEQ_ROWS, DEQ_GROUPS = 16, 8
 
 
@@ -146,31 +153,44 @@ def _weights(TYPE: tl.constexpr, row, g, l, m):
 # ---------------------------------------------------------------------------------------------- dequantize
 
 @triton.jit
-def _dequant_kernel(src, dst, n_rows, rbytes, cols, TYPE: tl.constexpr, R: tl.constexpr, G: tl.constexpr):
+def _dequant_kernel(src, dst, n_rows, rbytes, cols, TYPE: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
+                    BF16: tl.constexpr, F32: tl.constexpr):
     r = tl.program_id(0) * R + tl.arange(0, R)[:, None, None]
     g = tl.program_id(1) * G + tl.arange(0, G)[None, :, None]
     l = tl.arange(0, 32)[None, None, :]
     m = (r < n_rows) & (g < cols // 32)
     r = r.to(tl.int64)
     q, scale, offset = _weights(TYPE, src + r * rbytes, g, l, m)
-    tl.store(dst + r * cols + g * 32 + l, scale * q - offset, mask=m & (l < 32))
+    v = scale * q - offset
+    if BF16:
+        v = _bf16(v, F32)
+    tl.store(dst + r * cols + g * 32 + l, v, mask=m & (l < 32))
 
 
-def dequantize(blocks: torch.Tensor, ggml_type: int, cols: int, dtype=torch.float32) -> torch.Tensor:
-    """uint8 blocks (..., row_bytes) -> (..., cols) values, float32 bit-exact with ggml's to_float (then cast to
-    dtype if another is asked for)."""
+def dequantize(blocks: torch.Tensor, ggml_type: int, cols: int, dtype=torch.float32,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 blocks (..., row_bytes) -> (..., cols) values, float32 bit-exact with ggml's to_float; bf16 straight
+    from the kernel (those values rounded to nearest even, as the grouped GEMM rounds them); any other dtype cast
+    from float32. `out`: a contiguous tensor of that shape and dtype to write into."""
     rb = row_bytes(ggml_type, cols)
     if blocks.dtype != torch.uint8 or blocks.shape[-1] != rb:
         raise ValueError(f"{NAMES[int(ggml_type)]} rows of {cols} values: want uint8 (..., {rb}), "
                          f"got {blocks.dtype} {tuple(blocks.shape)}")
     blocks = blocks.contiguous()
-    out = torch.empty((*blocks.shape[:-1], cols), dtype=torch.float32, device=blocks.device)
+    direct = dtype in (torch.float32, torch.bfloat16)
+    shape = (*blocks.shape[:-1], cols)
+    if out is not None and (out.shape != shape or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"out: want contiguous {dtype} {shape}, got {out.dtype} {tuple(out.shape)}")
+    res = out if out is not None and direct else torch.empty(shape, dtype=dtype if direct else torch.float32,
+                                                              device=blocks.device)
     n_rows = blocks.numel() // rb
     if n_rows:
         grid = (triton.cdiv(n_rows, DEQ_ROWS), triton.cdiv(cols // 32, DEQ_GROUPS))
-        _dequant_kernel[grid](blocks, out, n_rows, rb, cols, TYPE=int(ggml_type), R=DEQ_ROWS, G=DEQ_GROUPS,
-                              enable_fp_fusion=False)
-    return out if dtype == torch.float32 else out.to(dtype)
+        _dequant_kernel[grid](blocks, res, n_rows, rb, cols, TYPE=int(ggml_type), R=DEQ_ROWS, G=DEQ_GROUPS,
+                              BF16=res.dtype == torch.bfloat16, F32=not blocks.is_cuda, enable_fp_fusion=False)
+    if direct:
+        return res
+    return res.to(dtype) if out is None else out.copy_(res)
 
 
 # ---------------------------------------------------------------------------------------------- expert stacks
@@ -383,16 +403,92 @@ def _moe_gemm(x, ids, weights, local, gate, up, down):
     return out
 
 
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b^T for bf16 a, b with float32 accumulation and result (cuBLAS on a GPU)."""
+    if a.is_cuda:
+        return torch.mm(a, b.t(), out_dtype=torch.float32)
+    return a.float() @ b.float().t()
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor | None:
+    """torch's grouped GEMM (bf16, rows of group g = a[offs[g-1]:offs[g]] times b[g]), or None where this torch or
+    device has none that runs (said once; the dense path then loops over the experts)."""
+    global _grouped_error
+    if _grouped_error is None:
+        try:
+            return torch._grouped_mm(a, b, offs=offs)
+        except Exception as e:                 # no such op, or no kernel for this device (before sm_90)
+            _grouped_error = e
+            print(f"note: torch._grouped_mm unavailable ({type(e).__name__}: {str(e).strip()[:100]}); long prefill "
+                  f"chunks multiply their experts one at a time", file=sys.stderr)
+    return None
+
+
+_grouped_error: Exception | None = None
+
+
+def _moe_dense(x, ids, weights, local, gate, up, down, counts=None):
+    """Prefill with many rows per expert: the local experts, DENSE_BYTES of them at a time, dequantized to bf16 (the
+    values the grouped kernel feeds its tensor cores) and multiplied by torch's grouped GEMM (cuBLAS-class tensor
+    core rates; bf16 results), the pairs sorted by expert, their weighted results added back per token.
+    counts: each local expert's pair count on the host, if the caller knows it; else one host sync reads it."""
+    T, k = ids.shape
+    inter, hidden = gate.rows, gate.cols
+    n_local = gate.data.shape[0]
+    e = local[ids.reshape(-1).long()].long()
+    e = torch.where(e < 0, n_local, e)
+    key, order = torch.sort(e, stable=True)
+    bounds = torch.searchsorted(key, torch.arange(n_local + 1, device=key.device)).to(torch.int32)
+    if counts is None:
+        counts = (bounds[1:] - bounds[:-1]).tolist()
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + int(c))
+    xb = x.to(torch.bfloat16)
+    wf = weights.reshape(-1).float()
+    out = torch.zeros((T, hidden), dtype=torch.float32, device=x.device)
+    per = max(1, DENSE_BYTES // (3 * inter * hidden * 2))
+    for g0 in range(0, n_local, per):
+        g1 = min(n_local, g0 + per)
+        a, b = starts[g0], starts[g1]
+        if a == b:
+            continue
+        wg = dequantize(gate.data[g0:g1], gate.ggml_type, hidden, torch.bfloat16)      # (g, inter, hidden)
+        wu = dequantize(up.data[g0:g1], up.ggml_type, hidden, torch.bfloat16)
+        wd = dequantize(down.data[g0:g1], down.ggml_type, inter, torch.bfloat16)       # (g, hidden, inter)
+        p = order[a:b]
+        tok = p // k
+        xs = xb[tok]
+        offs = bounds[g0 + 1:g1 + 1] - bounds[g0]
+        ag = _grouped_mm(xs, wg.transpose(1, 2), offs)
+        if ag is not None:
+            au = _grouped_mm(xs, wu.transpose(1, 2), offs)
+            h = (F.silu(ag.float()) * au.float()).to(torch.bfloat16)
+            y = _grouped_mm(h, wd.transpose(1, 2), offs).float()
+        else:
+            y = torch.empty((b - a, hidden), dtype=torch.float32, device=x.device)
+            for j in range(g0, g1):
+                r0, r1 = starts[j] - a, starts[j + 1] - a
+                if r1 > r0:
+                    ag, au = _mm32(xs[r0:r1], wg[j - g0]), _mm32(xs[r0:r1], wu[j - g0])
+                    y[r0:r1] = _mm32((F.silu(ag) * au).to(torch.bfloat16), wd[j - g0])
+        out.index_add_(0, tok, y * wf[p, None])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the MoE layer
 
 def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, local: torch.Tensor,
-        gate: GpuStack, up: GpuStack, down: GpuStack, *, method: str | None = None) -> torch.Tensor:
+        gate: GpuStack, up: GpuStack, down: GpuStack, *, method: str | None = None,
+        counts=None) -> torch.Tensor:
     """sum over pairs (t, j) with local[ids[t, j]] >= 0 of weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t),
     e = local[ids[t, j]]; float32 (T, hidden). x (T, hidden) float32 or bf16; ids (T, k) integer global expert ids;
     weights (T, k); local (n_experts,) int32, -1 for experts not in these stacks.
-    method: "gemv" (decode), "gemm" (prefill) or None: gemv up to DECODE_MAX_TOKENS tokens. The gemv path makes
-    no host sync and no data-dependent allocation: CUDA-graph capturable (tested). The gemm path makes no host sync
-    either (its grid is an upper bound of tiles; capture untested: torch.sort's)."""
+    method: "gemv" (decode), "gemm" or "dense" (prefill: _moe_dense), or None: gemv up to DECODE_MAX_TOKENS tokens;
+    on a GPU, dense from DENSE_MIN_ROWS expected rows per expert (T x k over all n_experts); else gemm. The gemv
+    path makes no host sync and no data-dependent allocation: CUDA-graph capturable (tested). The gemm path makes no
+    host sync either (its grid is an upper bound of tiles; capture untested: torch.sort's). The dense path reads the local
+    experts' pair counts back once, unless `counts` (host ints, one per local expert) gives them."""
     T, k = ids.shape
     n_local, inter, hidden = gate.data.shape[0], gate.rows, gate.cols
     if (up.data.shape[0], up.rows, up.cols) != (n_local, inter, hidden) or \
@@ -407,5 +503,11 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, local: torch.
     x, ids, weights, local = x.contiguous(), ids.contiguous(), weights.contiguous(), local.contiguous()
     if T == 0:
         return torch.zeros((0, hidden), dtype=torch.float32, device=x.device)
-    method = method or ("gemv" if T <= DECODE_MAX_TOKENS else "gemm")
+    if method is None:
+        dense = x.is_cuda and T * k >= DENSE_MIN_ROWS * local.numel()
+        method = "gemv" if T <= DECODE_MAX_TOKENS else "dense" if dense else "gemm"
+    if method == "dense":
+        return _moe_dense(x, ids, weights, local, gate, up, down, counts)
+    if method not in ("gemv", "gemm"):
+        raise ValueError(f"method {method!r}: want gemv, gemm or dense")
     return (_moe_gemv if method == "gemv" else _moe_gemm)(x, ids, weights, local, gate, up, down)

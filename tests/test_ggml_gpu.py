@@ -81,7 +81,12 @@ def test_dequantize_bit_exact(t):
     out = GG.dequantize(blocks, int(t), shape[2])
     assert out.shape == shape and out.dtype == torch.float32
     assert same_bits(out.cpu().numpy(), ref)
-    assert GG.dequantize(blocks, int(t), shape[2], dtype=torch.bfloat16).dtype == torch.bfloat16
+    bf = GG.dequantize(blocks, int(t), shape[2], dtype=torch.bfloat16)      # straight from the kernel, no float32
+    assert bf.dtype == torch.bfloat16 and torch.equal(bf.view(torch.int16), out.to(torch.bfloat16).view(torch.int16))
+    into = torch.empty(shape, dtype=torch.bfloat16, device=DEV)
+    assert GG.dequantize(blocks, int(t), shape[2], dtype=torch.bfloat16, out=into) is into and torch.equal(into, bf)
+    with pytest.raises(ValueError, match="out: want contiguous"):
+        GG.dequantize(blocks, int(t), shape[2], dtype=torch.bfloat16, out=into.float())
 
 
 def test_layout_facts_and_refusals():
@@ -136,7 +141,7 @@ MIXED = [(QT.Q4_K, QT.Q4_K, QT.Q6_K), (QT.Q5_K, QT.Q8_0, QT.Q5_0), (QT.Q5_0, QT.
 
 
 @pytest.mark.parametrize("types", MIXED, ids=lambda ts: "-".join(t.name for t in ts))
-@pytest.mark.parametrize("method,T", [("gemv", 3), ("gemm", 20)])
+@pytest.mark.parametrize("method,T", [("gemv", 3), ("gemm", 20), ("dense", 20)])
 def test_moe_vs_float64(types, method, T):
     """6 global experts, 4 here (2 map to -1: their pairs contribute nothing); token 0 routes only to absent ones."""
     rng = np.random.default_rng()
@@ -172,7 +177,7 @@ def fixture_layer(layer):
     return parts
 
 
-@pytest.mark.parametrize("method,T", [("gemv", 2), ("gemm", 24)])
+@pytest.mark.parametrize("method,T", [("gemv", 2), ("gemm", 24), ("dense", 24)])
 def test_moe_fixture_vs_float64_and_ggml(method, T):
     """blk.2 of the fixture (Q4_K gate/up, Q6_K down, 16 experts): all experts here, against float64 and ggml."""
     from runtime.experts import MoEExperts
@@ -198,7 +203,7 @@ def test_moe_fixture_vs_float64_and_ggml(method, T):
 # ----------------------------------------------------------------------------------------- GPU only: real shapes
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU (real DeepSeek-V3 shapes)")
-@pytest.mark.parametrize("method,T", [("gemv", 1), ("gemv", 4), ("gemm", 300)])
+@pytest.mark.parametrize("method,T", [("gemv", 1), ("gemv", 4), ("gemm", 300), ("dense", 300)])
 def test_moe_deepseek_shapes(method, T):
     """8 experts of DeepSeek-V3's shape here out of 256 (gate/up 2048 x 7168 Q4_K, down 7168 x 2048 Q6_K), k = 8:
     the tokens route to both present and absent experts. Output poisoned first (NaN would show)."""
@@ -218,6 +223,37 @@ def test_moe_deepseek_shapes(method, T):
     err = rel(out, ref)
     print(f"\nDeepSeek shapes {method} T={T}: rel err vs float64 {err:.2e}")
     assert torch.isfinite(out).all() and err < (GEMV_BOUND if method == "gemv" else GEMM_BOUND)
+
+
+def test_dense_matches_the_grouped_gemm():
+    """The two prefill paths feed the same bf16 values to float32 sums (the dense one rounds its GEMMs' results to
+    bf16): they agree to that rounding, and the dense path gives the same result with the host's counts (no sync)
+    as with its own, in groups of experts as in one (to float32 rounding: a GPU's index_add order varies). Bad
+    methods are refused."""
+    rng = np.random.default_rng()
+    hidden, inter, k, T = 512, 256, 3, 24
+    local = torch.tensor([2, -1, 0, 3, -1, 1], dtype=torch.int32, device=DEV)
+    gate, up, down = stack(rng, QT.Q4_K, 4, inter, hidden), stack(rng, QT.Q5_K, 4, inter, hidden), \
+        stack(rng, QT.Q6_K, 4, hidden, inter)
+    x = torch.from_numpy(rng.standard_normal((T, hidden)).astype(np.float32)).to(DEV)
+    ids, w = routing(rng, T, 6, k)
+    dense = GG.moe(x, ids, w, local, gate, up, down, method="dense")
+    e = local[ids.long()].cpu().numpy().ravel()
+    counts = [int((e == j).sum()) for j in range(4)]
+    assert rel(GG.moe(x, ids, w, local, gate, up, down, method="dense", counts=counts), dense.double()) < 1e-6
+    assert rel(dense, GG.moe(x, ids, w, local, gate, up, down, method="gemm").double()) < 5e-3
+    keep, GG.DENSE_BYTES = GG.DENSE_BYTES, 1                  # one expert a group
+    try:
+        assert rel(GG.moe(x, ids, w, local, gate, up, down, method="dense", counts=counts), dense.double()) < 1e-6
+    finally:
+        GG.DENSE_BYTES = keep
+    keep, GG._grouped_error = GG._grouped_error, RuntimeError("no grouped GEMM")   # the per-expert loop instead
+    try:
+        assert rel(GG.moe(x, ids, w, local, gate, up, down, method="dense"), dense.double()) < 5e-3
+    finally:
+        GG._grouped_error = keep
+    with pytest.raises(ValueError, match="method 'fast'"):
+        GG.moe(x, ids, w, local, gate, up, down, method="fast")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU (CUDA graphs)")

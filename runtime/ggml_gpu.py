@@ -441,6 +441,8 @@ def _moe_dense(x, ids, weights, local, gate, up, down, counts=None):
     bounds = torch.searchsorted(key, torch.arange(n_local + 1, device=key.device)).to(torch.int32)
     if counts is None:
         counts = (bounds[1:] - bounds[:-1]).tolist()
+    elif len(counts) != n_local:
+        raise ValueError(f"counts: want one per local expert ({n_local}), got {len(counts)}")
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + int(c))
@@ -487,8 +489,8 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, local: torch.
     method: "gemv" (decode), "gemm" or "dense" (prefill: _moe_dense), or None: gemv up to DECODE_MAX_TOKENS tokens;
     on a GPU, dense from DENSE_MIN_ROWS expected rows per expert (T x k over all n_experts); else gemm. The gemv
     path makes no host sync and no data-dependent allocation: CUDA-graph capturable (tested). The gemm path makes no
-    host sync either (its grid is an upper bound of tiles; capture untested: torch.sort's). The dense path reads the local
-    experts' pair counts back once, unless `counts` (host ints, one per local expert) gives them."""
+    host sync either (its grid is an upper bound of tiles; capture untested: torch.sort's). The dense path reads the
+    local experts' pair counts back once, unless `counts` (host ints, one per local expert) gives them."""
     T, k = ids.shape
     n_local, inter, hidden = gate.data.shape[0], gate.rows, gate.cols
     if (up.data.shape[0], up.rows, up.cols) != (n_local, inter, hidden) or \

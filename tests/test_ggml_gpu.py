@@ -252,6 +252,8 @@ def test_dense_matches_the_grouped_gemm():
         assert rel(GG.moe(x, ids, w, local, gate, up, down, method="dense"), dense.double()) < 5e-3
     finally:
         GG._grouped_error = keep
+    with pytest.raises(ValueError, match="counts: want one per local expert"):
+        GG.moe(x, ids, w, local, gate, up, down, method="dense", counts=counts[:3])
     with pytest.raises(ValueError, match="method 'fast'"):
         GG.moe(x, ids, w, local, gate, up, down, method="fast")
 

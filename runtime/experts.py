@@ -6,7 +6,8 @@ Routed experts: where they live and how a layer's step runs them.
   rest through MoEExperts, at once, beside the shared expert (decode: pinned buffers, events, no allocation).
 - placement (`plan_placement`, `setup_gpu`): which experts fill the GPU's spare memory: the most-hit of a routing
   profile (`RoutingProfile`, runtime.profile) or whole layers; `hit_rate` is the share of expert bytes they serve.
-- `Streamer`: prefill's streaming of a long chunk's other experts host -> GPU, when that beats the CPU.
+- `Streamer`: prefill's streaming of a long chunk's other experts host -> GPU, when that beats the CPU; and a decode
+  step's share of its experts, streamed and run on the GPU while the CPU runs the rest.
 
 Routed experts of one DeepSeek-V3 MoE layer on the CPU, with ggml's quantized kernels, straight from the
 merged folder's bytes (docs/FORMAT.md: `blk.N.ffn_{gate,up,down}_exps.weight`, flat U8 GGML blocks, expert e
@@ -446,14 +447,24 @@ class LayerExperts:
         b.event.synchronize()                              # the copies only, not the launched work
         ids_np = ih.numpy()
         res = out if out is not None else torch.empty((T, self.cpu.hidden), dtype=torch.float32, device=x.device)
-        if cpu_routes(ids_np, wh.numpy(), self.resident, b.ids32[:T], b.w_cpu[:T]):
+        on_gpu, streamed = self.resident, None
+        pick = self.streamer.decode_experts(self, ids_np) if self.streamer is not None else ()
+        if len(pick):                                      # a decode step's share of experts over PCIe, queued
+            streamed = self.streamer.run_picked(self, x, ids, weights, pick)
+            on_gpu = self.resident.copy()
+            on_gpu[pick] = True
+        if cpu_routes(ids_np, wh.numpy(), on_gpu, b.ids32[:T], b.w_cpu[:T]):
             t0 = time.perf_counter()
             self.cpu.forward(xh.numpy(), b.ids32[:T], b.w_cpu[:T], out=oh.numpy())
             if self.streamer is not None:
-                self.streamer.cpu_timed(T * k - int(self.resident[ids_np].sum()), time.perf_counter() - t0)
+                used = np.unique(ids_np)
+                self.streamer.cpu_timed(T * k - int(on_gpu[ids_np].sum()), time.perf_counter() - t0,
+                                        T, int((~on_gpu[used]).sum()))
             res.copy_(oh, non_blocking=True)
         else:
             res.zero_()
+        if streamed is not None:
+            res += streamed
         return res, launched
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, launch_shared=None):
@@ -495,6 +506,23 @@ def _copy_bytes(dst: torch.Tensor, src: np.ndarray, bounce: torch.Tensor | None)
 
 # ============================================================================================ prefill streaming
 
+def decode_pick(ids: np.ndarray, resident: np.ndarray, cpu_expert_s: float, copy_expert_s: float,
+                cap: int) -> np.ndarray:
+    """Of a decode step's non-resident experts (routing `ids` (T, k)), those to stream to the GPU instead of running
+    them on the CPU, sorted: as many as make the CPU's time for the rest and the copies' time for these end
+    together, n x cpu / (cpu + copy) rounded down (the CPU keeps the remainder: its time is the better known), at
+    most `cap` (a slot's worth); the experts with the most pairs first (the CPU's time grows with them, a copy's
+    does not). PCIe reads host memory beside the CPU's cores: where the cores cannot use all of the host's memory
+    bandwidth, the two add up."""
+    used, counts = np.unique(ids, return_counts=True)
+    keep = ~resident[used]
+    used, counts = used[keep], counts[keep]
+    if len(used) < 2 or cpu_expert_s <= 0:
+        return np.empty(0, np.int64)
+    n = max(0, min(cap, int(len(used) * cpu_expert_s / (cpu_expert_s + copy_expert_s))))
+    return np.sort(used[np.argsort(-counts, kind="stable")[:n]]).astype(np.int64)
+
+
 def stream_pays(copy_s: float, cpu_s: float | None) -> bool:
     """Stream a chunk's experts if crossing PCIe takes less than the CPU would (unknown CPU time: not yet; the CPU
     runs that chunk and is timed). The GPU's math on the streamed bytes is left out: it overlaps the next batch's
@@ -517,6 +545,8 @@ class Streamer:
 
     MEASURE_ROWS = 64       # rows from which a CPU call is compute-bound enough to predict longer chunks
     MIN_ROWS = 32           # never stream below this (decode, short chunks): the routing's host copy costs a sync
+    DECODE_ROWS = 16        # decode batches up to this many rows may stream a share of their experts (decode_pick)
+    COPY_LATENCY_S = 20e-6  # per streamed expert beside its bytes: copies and their launch
 
     def __init__(self, device, slot_bytes: int, threads: int = 8):
         self.device = torch.device(device)
@@ -524,7 +554,13 @@ class Streamer:
         self.copy_stream = torch.cuda.Stream(self.device)
         self.slots = [dict(dev=torch.empty(slot_bytes, dtype=torch.uint8, device=self.device),
                            host=torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True),
+                           map=torch.empty(1024, dtype=torch.int32, device=self.device),
+                           map_host=torch.empty(1024, dtype=torch.int32, pin_memory=True),
                            copied=torch.cuda.Event(), used=torch.cuda.Event()) for _ in range(2)]
+        self._next = 0
+        self.decode = DECODE_STREAM
+        self.cpu_expert_s: dict[int, float] = {}       # decode batch rows -> CPU seconds per distinct expert
+        self.decode_streamed = 0                        # experts decode steps have streamed
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="stage")
         self.pcie_bps: float | None = None
         self.cpu_pair_s: float | None = None
@@ -545,10 +581,54 @@ class Streamer:
         self.pcie_bps = 3 * self.slot_bytes / (time.perf_counter() - t0)
         return self.pcie_bps
 
-    def cpu_timed(self, pairs: int, seconds: float) -> None:
+    def cpu_timed(self, pairs: int, seconds: float, rows: int = 0, experts: int = 0) -> None:
+        """A CPU call's time: per pair for long chunks (prefill's decision), per distinct expert for each decode
+        batch size (decode_experts')."""
         if pairs >= self.MEASURE_ROWS:
             rate = seconds / pairs
             self.cpu_pair_s = rate if self.cpu_pair_s is None else 0.5 * (self.cpu_pair_s + rate)
+        if experts and rows <= self.DECODE_ROWS:
+            rate, old = seconds / experts, self.cpu_expert_s.get(rows)
+            self.cpu_expert_s[rows] = rate if old is None else 0.75 * old + 0.25 * rate
+
+    def decode_experts(self, layer: LayerExperts, ids_np: np.ndarray) -> np.ndarray:
+        """The non-resident experts of a decode step that cross PCIe and run on the GPU while the CPU runs the
+        others (the module's decode_pick); none until the CPU's time per expert at this batch size has been
+        measured, or where the memory map cannot be page-locked. Off unless DSV3_DECODE_STREAM=1 (or `decode` set)."""
+        T = ids_np.shape[0]
+        if not self.decode or T > self.DECODE_ROWS or T not in self.cpu_expert_s or not layer.gpu_ready \
+                or layer.n_experts > self.slots[0]["map"].numel() \
+                or not all(host_registered(m.data) for m in layer._mats):
+            return np.empty(0, np.int64)
+        if self.pcie_bps is None:
+            self.measure_pcie()
+        pick = decode_pick(ids_np, layer.resident, self.cpu_expert_s[T],
+                           layer.per_expert / self.pcie_bps + self.COPY_LATENCY_S, self.slot_bytes // layer.per_expert)
+        self.decode_streamed += len(pick)
+        return pick
+
+    def run_picked(self, layer: LayerExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                   pick: np.ndarray) -> torch.Tensor:
+        """Queue the picked experts' upload (page-locked memory map -> a GPU slot, on the copy stream) and their
+        math behind it (on the current stream); returns their share, float32 (T, hidden), when the stream gets
+        there."""
+        s = self.slots[self._next]
+        self._next ^= 1
+        s["used"].synchronize()                            # this slot's last math (and its map's copy) is done
+        s["map_host"].numpy()[:layer.n_experts] = local_map(layer.n_experts, pick)
+        compute = torch.cuda.current_stream(x.device)
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(s["used"])
+            views = self._upload(layer, pick, s)
+            s["copied"].record(self.copy_stream)
+        local = s["map"][:layer.n_experts]
+        local.copy_(s["map_host"][:layer.n_experts], non_blocking=True)
+        compute.wait_event(s["copied"])
+        gg = gpu_kernels()
+        stacks = [gg.GpuStack(v, m.ggml_type, m.shape[1], m.shape[2]) for v, m in zip(views, layer._mats)]
+        out = gg.moe(x, ids, weights, local, *stacks)
+        s["used"].record(compute)
+        return out
 
     def needed(self, layer: LayerExperts, ids_np: np.ndarray) -> np.ndarray:
         used = np.unique(ids_np)
@@ -724,6 +804,8 @@ def _host_tensor(a: np.ndarray) -> torch.Tensor:
 # ============================================================================================ a model's placement
 
 STAGE_BYTES = 1 << 30          # each of the two streaming slots (GPU and pinned host), at most
+DECODE_STREAM = os.environ.get("DSV3_DECODE_STREAM", "0") == "1"   # decode steps stream a share of their experts:
+                                                                   # opt-in until measured on more placements
 MARGIN_BYTES = 1 << 30         # left free on the GPU beside the plan (decode graphs' pools, allocator slack)
 
 

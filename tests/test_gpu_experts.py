@@ -116,6 +116,28 @@ def test_streamed_prefill(ref, cpu_experts, resident):
     assert kl_top1(cpu_experts[:64], first)[0].mean() <= KL_BOUND
 
 
+def test_decode_streams_a_share_of_its_experts(ref, cpu_experts):
+    """Decode steps through the graphs with a streamer that finds the CPU slow (its time per expert set huge): each
+    step's non-resident experts cross to the GPU and run there while the CPU runs the rest (here: none); the logits
+    hold the bars against the CPU path and the GPU model with CPU experts, and the counter shows experts crossed."""
+    ids, ref_logits, folder = ref
+    net = Transformer(folder, max_len=1024, device="cuda", fp8=FP8, gpu_memory=0)
+    layers = moe_layers(net)
+    s = X.Streamer("cuda", 16 * max(le.per_expert for le in layers.values()))
+    s.decode = True
+    for le in layers.values():
+        le.streamer = s
+    n = 260
+    parts = [net.forward(torch.tensor(ids[:200]), 0)]                    # prefill: CPU experts, timed per pair
+    parts.append(net.forward(torch.tensor([ids[200]]), 200))   # its first layer: CPU, timed; the later ones stream
+    assert 1 in s.cpu_expert_s
+    s.cpu_expert_s[1], before = 1.0, s.decode_streamed
+    parts += [net.forward(torch.tensor([t]), i) for i, t in enumerate(ids[201:n], 201)]
+    assert s.decode_streamed - before >= (n - 201) * len(layers) * 2
+    out = torch.cat(parts)
+    check("decode streaming its experts", ref_logits[:n], cpu_experts[:n], out, top1_bound=0.95)
+
+
 def test_gpu_memory_caps_the_budget(ref):
     _, _, folder = ref
     net = Transformer(folder, max_len=1024, device="cuda", fp8=FP8, gpu_memory=0)

@@ -87,8 +87,24 @@ def test_cpu_routes_hand_the_gpu_pairs_to_nobody():
 
 
 def test_stream_decision():
-    assert X.stream_pays(0.1, 0.5) and not X.stream_pays(0.5, 0.1)
-    assert not X.stream_pays(0.1, None) and not X.stream_pays(0.1, float("nan"))
+    assert X.stream_pays(0.1, 0.5) and not X.stream_pays(0.1, None) and not X.stream_pays(0.1, float("nan"))
+    assert not X.stream_pays(0.5, 0.1)
+
+
+def test_decode_pick_balances_the_cpu_and_pcie():
+    """A decode step streams the share of its non-resident experts whose copies take as long as the CPU's rest,
+    the most-routed first; never a resident expert, never more than a slot, nothing for fewer than two."""
+    ids = np.array([[3, 5, 7, 9], [3, 5, 11, 13], [3, 2, 4, 6]])   # 3 thrice, 5 twice; 2, 4 resident; 5 others
+    resident = np.zeros(16, bool)
+    resident[[2, 4]] = True
+    assert X.decode_pick(ids, resident, 5.0, 3.0, 100).tolist() == [3, 5, 6, 7]   # 7 on the CPU: 7 x 5 / 8 -> 4
+    assert X.decode_pick(ids, resident, 3.0, 5.0, 100).tolist() == [3, 5]         # 7 x 3 / 8 -> 2
+    assert len(X.decode_pick(ids, resident, 1.0, 0.0, 100)) == 7            # free copies: all of them
+    assert len(X.decode_pick(ids, resident, 1.0, 0.0, 2)) == 2              # a slot's worth at most
+    assert len(X.decode_pick(ids, resident, 0.0, 1.0, 100)) == 0
+    assert len(X.decode_pick(np.array([[3, 2]]), resident, 1.0, 0.0, 100)) == 0     # one CPU expert: keep it
+    all_res = np.ones(16, bool)
+    assert len(X.decode_pick(ids, all_res, 1.0, 0.0, 100)) == 0
 
 
 # ----------------------------------------------------------------------------------------- one layer, split for real

@@ -167,30 +167,23 @@ def _dequant_kernel(src, dst, n_rows, rbytes, cols, TYPE: tl.constexpr, R: tl.co
     tl.store(dst + r * cols + g * 32 + l, v, mask=m & (l < 32))
 
 
-def dequantize(blocks: torch.Tensor, ggml_type: int, cols: int, dtype=torch.float32,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(blocks: torch.Tensor, ggml_type: int, cols: int, dtype=torch.float32) -> torch.Tensor:
     """uint8 blocks (..., row_bytes) -> (..., cols) values, float32 bit-exact with ggml's to_float; bf16 straight
     from the kernel (those values rounded to nearest even, as the grouped GEMM rounds them); any other dtype cast
-    from float32. `out`: a contiguous tensor of that shape and dtype to write into."""
+    from float32."""
     rb = row_bytes(ggml_type, cols)
     if blocks.dtype != torch.uint8 or blocks.shape[-1] != rb:
         raise ValueError(f"{NAMES[int(ggml_type)]} rows of {cols} values: want uint8 (..., {rb}), "
                          f"got {blocks.dtype} {tuple(blocks.shape)}")
     blocks = blocks.contiguous()
     direct = dtype in (torch.float32, torch.bfloat16)
-    shape = (*blocks.shape[:-1], cols)
-    if out is not None and (out.shape != shape or out.dtype != dtype or not out.is_contiguous()):
-        raise ValueError(f"out: want contiguous {dtype} {shape}, got {out.dtype} {tuple(out.shape)}")
-    res = out if out is not None and direct else torch.empty(shape, dtype=dtype if direct else torch.float32,
-                                                              device=blocks.device)
+    res = torch.empty((*blocks.shape[:-1], cols), dtype=dtype if direct else torch.float32, device=blocks.device)
     n_rows = blocks.numel() // rb
     if n_rows:
         grid = (triton.cdiv(n_rows, DEQ_ROWS), triton.cdiv(cols // 32, DEQ_GROUPS))
         _dequant_kernel[grid](blocks, res, n_rows, rb, cols, TYPE=int(ggml_type), R=DEQ_ROWS, G=DEQ_GROUPS,
                               BF16=res.dtype == torch.bfloat16, F32=not blocks.is_cuda, enable_fp_fusion=False)
-    if direct:
-        return res
-    return res.to(dtype) if out is None else out.copy_(res)
+    return res if direct else res.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------- expert stacks
@@ -363,20 +356,26 @@ def _gemm_down_kernel(h, order, wts, tile_e, tile_start, tile_stop, dw, out, K, 
                       mask=im[:, None] & (n < N)[None, :])
 
 
+def _pairs_by_expert(ids, local, n_local):
+    """(order, bounds): the token-expert pairs (flat indices into ids) sorted by local expert, stable, and where
+    each local expert's pairs start in that order ((n_local + 1,), int64); on the device, no host sync. Pairs of
+    experts not here sort last (key n_local), past bounds[n_local]."""
+    e = local[ids.reshape(-1).long()].long()
+    key, order = torch.sort(torch.where(e < 0, n_local, e), stable=True)
+    return order, torch.searchsorted(key, torch.arange(n_local + 1, device=key.device))
+
+
 def _schedule(ids, local, n_local, BM):
     """Pairs sorted by local expert, and the tiles over them: (order, tile_e, tile_start, tile_stop), all on the
-    device, no host sync. Pairs of experts not here sort last (key n_local) and fall in no tile. The grid has an
-    upper bound of tiles, cdiv(pairs, BM) + min(n_local, pairs); a tile past the last has tile_e == n_local."""
+    device, no host sync. Pairs of experts not here fall in no tile. The grid has an upper bound of tiles,
+    cdiv(pairs, BM) + min(n_local, pairs); a tile past the last has tile_e == n_local."""
     P = ids.numel()
-    e = local[ids.reshape(-1).long()].long()
-    e = torch.where(e < 0, n_local, e)
-    key, order = torch.sort(e, stable=True)
-    bounds = torch.searchsorted(key, torch.arange(n_local + 1, device=key.device))  # first pair of each expert
+    order, bounds = _pairs_by_expert(ids, local, n_local)
     counts = bounds[1:] - bounds[:-1]
     tiles = (counts + BM - 1) // BM
     ends = torch.cumsum(tiles, 0)
     n_tiles = triton.cdiv(P, BM) + min(n_local, P)
-    t = torch.arange(n_tiles, device=key.device)
+    t = torch.arange(n_tiles, device=ids.device)
     tile_e = torch.searchsorted(ends, t, right=True)
     ec = tile_e.clamp(max=n_local - 1)
     tile_start = bounds[ec] + (t - (ends - tiles)[ec]) * BM
@@ -435,10 +434,7 @@ def _moe_dense(x, ids, weights, local, gate, up, down, counts=None):
     T, k = ids.shape
     inter, hidden = gate.rows, gate.cols
     n_local = gate.data.shape[0]
-    e = local[ids.reshape(-1).long()].long()
-    e = torch.where(e < 0, n_local, e)
-    key, order = torch.sort(e, stable=True)
-    bounds = torch.searchsorted(key, torch.arange(n_local + 1, device=key.device)).to(torch.int32)
+    order, bounds = _pairs_by_expert(ids, local, n_local)
     if counts is None:
         counts = (bounds[1:] - bounds[:-1]).tolist()
     elif len(counts) != n_local:
@@ -461,7 +457,7 @@ def _moe_dense(x, ids, weights, local, gate, up, down, counts=None):
         p = order[a:b]
         tok = p // k
         xs = xb[tok]
-        offs = bounds[g0 + 1:g1 + 1] - bounds[g0]
+        offs = (bounds[g0 + 1:g1 + 1] - bounds[g0]).to(torch.int32)
         ag = _grouped_mm(xs, wg.transpose(1, 2), offs)
         if ag is not None:
             au = _grouped_mm(xs, wu.transpose(1, 2), offs)

@@ -87,8 +87,8 @@ def test_cpu_routes_hand_the_gpu_pairs_to_nobody():
 
 
 def test_stream_decision():
-    assert X.stream_pays(0.1, 0.5) and not X.stream_pays(0.1, None) and not X.stream_pays(0.1, float("nan"))
-    assert not X.stream_pays(0.5, 0.1)
+    assert X.stream_pays(0.1, 0.5) and not X.stream_pays(0.5, 0.1)
+    assert not X.stream_pays(0.1, None) and not X.stream_pays(0.1, float("nan"))
 
 
 def test_decode_pick_balances_the_cpu_and_pcie():

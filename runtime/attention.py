@@ -86,7 +86,9 @@ def prefill_form(T: int) -> str:
 def _absorb(q_nope, q_pe, w_kb):
     """The queries the kernels take: [W_kb^T q_nope (kv_lora), q_pe (rope)] per row and head, bf16."""
     q_lat = torch.einsum("thd,hdc->thc", q_nope.to(w_kb.dtype), w_kb).to(torch.bfloat16)
-    return q_lat.contiguous(), q_pe.to(torch.bfloat16).contiguous()
+    q_pe = q_pe.to(torch.bfloat16)
+    # the kernels take any row and head strides (einsum's (h, t, c) product, seen as (t, h, c), needs no copy)
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (q_lat, q_pe))
 
 
 def _unabsorb(o, w_vb):

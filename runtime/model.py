@@ -11,16 +11,22 @@ and the shared expert runs on the GPU meanwhile. Decode steps replay CUDA graphs
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from runtime import fused
 from runtime.attention import mla_attend
 from runtime.experts import LayerExperts, setup_gpu
 from runtime.fp8_quant import act_quant_reference, fake_act_quant  # noqa: F401  (FP8 numerics on the CPU)
 from runtime.load import Folder, ModelError, bf16, fp8_dequant
+
+# On the GPU, norms, rotary embeddings, the cache writes and the router's top-k take runtime.fused's kernels (a decode
+# step is mostly launches); DSV3_FUSED=0 keeps the torch expressions below there too (benchmarks/decode_graph.py).
+FUSED = os.environ.get("DSV3_FUSED", "1") != "0"
 
 
 @dataclass
@@ -78,11 +84,13 @@ def yarn_freqs(a: Args, max_len: int) -> torch.Tensor:
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """x (T, ..., rope) with interleaved pairs (x0, x1), (x2, x3)... rotated by freqs (T, rope/2)."""
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x (T, ..., rope) with interleaved pairs (x0, x1), (x2, x3)... rotated by freqs (T, rope/2), as dtype."""
+    if x.is_cuda and FUSED:
+        return fused.rope(x, freqs, dtype)
     z = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     shape = (freqs.shape[0],) + (1,) * (z.dim() - 2) + (freqs.shape[1],)
-    return torch.view_as_real(z * freqs.view(shape)).flatten(-2)
+    return torch.view_as_real(z * freqs.view(shape)).flatten(-2).to(dtype)
 
 
 class Linear:
@@ -145,7 +153,17 @@ class Weights:
         return (bf16(a) if t.dtype == "BF16" else torch.from_numpy(np.array(a))).to(self.device)
 
 
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream after adding r, and its norm."""
+    if x.is_cuda and FUSED:
+        return fused.add_rms_norm(x, r, w, eps)
+    x = x + r
+    return x, rms_norm(x, w, eps)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.is_cuda and FUSED:
+        return fused.rms_norm(x, w, eps)
     x = x.float()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
 
@@ -178,11 +196,14 @@ class MLA:
         q_a, kv = self.wqkv_a(x)
         q = self.wq_b(rms_norm(q_a, self.q_norm, a.eps)).view(T, a.n_heads, -1)
         q_nope, q_pe = q.split([a.nope, a.rope], -1)
-        q_pe = apply_rope(q_pe, freqs)
+        q_pe = apply_rope(q_pe, freqs, self.dt)                 # the kernels' dtype: no cast of their own
         c_kv, k_pe = kv.split([a.kv_lora, a.rope], -1)
-        where = (slots, pos) if isinstance(slots, torch.Tensor) else (torch.full_like(pos, slots), pos)
-        self.kv_cache.index_put_(where, rms_norm(c_kv, self.kv_norm, a.eps).to(self.dt))
-        self.pe_cache.index_put_(where, apply_rope(k_pe, freqs).to(self.dt))
+        if x.is_cuda and FUSED:
+            fused.cache_write(kv, self.kv_norm, a.eps, freqs, slots, pos, self.kv_cache, self.pe_cache)
+        else:
+            where = (slots, pos) if isinstance(slots, torch.Tensor) else (torch.full_like(pos, slots), pos)
+            self.kv_cache.index_put_(where, rms_norm(c_kv, self.kv_norm, a.eps).to(self.dt))
+            self.pe_cache.index_put_(where, apply_rope(k_pe, freqs).to(self.dt))
         o = mla_attend(q_nope, q_pe, self.kv_cache, self.pe_cache, slots, pos, self.w_kb, self.w_vb, self.scale,
                        bound)
         return self.wo(o.to(self.dt).flatten(1))
@@ -212,6 +233,9 @@ class MoE:
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a, T = self.a, x.shape[0]
+        if x.is_cuda and FUSED:
+            return fused.route(F.linear(x.float(), self.router), self.bias, a.n_groups, a.topk_groups, a.top_k,
+                               a.route_scale)
         scores = torch.sigmoid(F.linear(x.float(), self.router))
         choice = scores + self.bias
         groups = choice.view(T, a.n_groups, -1).topk(2, dim=-1)[0].sum(-1)
@@ -250,8 +274,9 @@ class Block:
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, slots, bound: int | None,
                  freqs: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x, self.attn_norm, self.a.eps), pos, slots, bound, freqs)
-        return x + self.ffn(rms_norm(x, self.ffn_norm, self.a.eps))
+        x, h = add_rms_norm(x, self.attn(rms_norm(x, self.attn_norm, self.a.eps), pos, slots, bound, freqs),
+                            self.ffn_norm, self.a.eps)
+        return x + self.ffn(h)
 
     @torch.inference_mode()
     def prefill(self, x: torch.Tensor, pos: torch.Tensor, slot: int, chunk: int, freqs: torch.Tensor) -> None:
@@ -270,8 +295,8 @@ class Block:
 
     def before_experts(self, x, pos, slots, bound, freqs):
         """A MoE block up to its routed experts: (residual after attention, normed input, expert ids, weights)."""
-        x = x + self.attn(rms_norm(x, self.attn_norm, self.a.eps), pos, slots, bound, freqs)
-        h = rms_norm(x, self.ffn_norm, self.a.eps)
+        x, h = add_rms_norm(x, self.attn(rms_norm(x, self.attn_norm, self.a.eps), pos, slots, bound, freqs),
+                            self.ffn_norm, self.a.eps)
         return (x, h) + self.ffn.route(h)
 
 

@@ -558,7 +558,7 @@ class Streamer:
                            map_host=torch.empty(1024, dtype=torch.int32, pin_memory=True),
                            copied=torch.cuda.Event(), used=torch.cuda.Event()) for _ in range(2)]
         self._next = 0
-        self.decode = DECODE_STREAM
+        self.decode_rows = DECODE_STREAM                # batch sizes (rows) that may stream
         self.cpu_expert_s: dict[int, float] = {}       # decode batch rows -> CPU seconds per distinct expert
         self.decode_streamed = 0                        # experts decode steps have streamed
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="stage")
@@ -594,9 +594,9 @@ class Streamer:
     def decode_experts(self, layer: LayerExperts, ids_np: np.ndarray) -> np.ndarray:
         """The non-resident experts of a decode step that cross PCIe and run on the GPU while the CPU runs the
         others (the module's decode_pick); none until the CPU's time per expert at this batch size has been
-        measured, or where the memory map cannot be page-locked. Off unless DSV3_DECODE_STREAM=1 (or `decode` set)."""
+        measured, or where the memory map cannot be page-locked; only for batches of `decode_rows` rows."""
         T = ids_np.shape[0]
-        if not self.decode or T > self.DECODE_ROWS or T not in self.cpu_expert_s or not layer.gpu_ready \
+        if T not in self.decode_rows or T > self.DECODE_ROWS or T not in self.cpu_expert_s or not layer.gpu_ready \
                 or layer.n_experts > self.slots[0]["map"].numel() \
                 or not all(host_registered(m.data) for m in layer._mats):
             return np.empty(0, np.int64)
@@ -804,8 +804,10 @@ def _host_tensor(a: np.ndarray) -> torch.Tensor:
 # ============================================================================================ a model's placement
 
 STAGE_BYTES = 1 << 30          # each of the two streaming slots (GPU and pinned host), at most
-DECODE_STREAM = os.environ.get("DSV3_DECODE_STREAM", "0") == "1"   # decode steps stream a share of their experts:
-                                                                   # opt-in until measured on more placements
+# Decode batches of these many rows stream a share of their experts (Streamer.decode_experts). DSV3_DECODE_STREAM:
+# "0" none, "1" every batch up to Streamer.DECODE_ROWS rows; by default 2-8 rows, where it measured a gain (one row:
+# even, or worse with half the experts resident; 16: even; see BENCHMARKS.md).
+DECODE_STREAM = {"0": range(0), "1": range(1, 17)}.get(os.environ.get("DSV3_DECODE_STREAM", ""), range(2, 9))
 MARGIN_BYTES = 1 << 30         # left free on the GPU beside the plan (decode graphs' pools, allocator slack)
 
 

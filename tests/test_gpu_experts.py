@@ -124,7 +124,7 @@ def test_decode_streams_a_share_of_its_experts(ref, cpu_experts):
     net = Transformer(folder, max_len=1024, device="cuda", fp8=FP8, gpu_memory=0)
     layers = moe_layers(net)
     s = X.Streamer("cuda", 16 * max(le.per_expert for le in layers.values()))
-    s.decode = True
+    s.decode_rows = range(1, s.DECODE_ROWS + 1)
     for le in layers.values():
         le.streamer = s
     n = 260

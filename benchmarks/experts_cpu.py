@@ -2,7 +2,7 @@
 One real-size DeepSeek-V3 MoE layer on the CPU through runtime.experts (ggml's quantized kernels), measured in one run
 against the host's memory-read bandwidth and against torch dequantize-then-matmul.
 
-    python benchmarks/experts_cpu.py [--experts 256] [--threads N] [--rounds 6] [--no-torch]
+    python benchmarks/experts_cpu.py [--experts 256] [--threads N] [--rounds 6] [--no-torch] [--memory mmap]
 
 Layer: hidden 7168, experts of 2048, Q4_K gate/up, Q6_K down (28.5 MB of blocks per expert; 256 experts = 7.3 GB),
 random valid blocks written to a temp file and memmapped, as the runtime memmaps a merged folder's shard. The file is
@@ -18,6 +18,7 @@ then torch.matmul; "matmul" is the torch part alone (float32 weights: 7.1x the b
 """
 import argparse
 import ctypes
+import mmap
 import os
 import resource
 import sys
@@ -33,6 +34,9 @@ p.add_argument("--torch-repeats", type=int, default=5, help="decode; prefill get
 p.add_argument("--omp-wait", choices=["PASSIVE", "ACTIVE"], default="PASSIVE", help="OMP_WAIT_POLICY (ggml and torch)")
 p.add_argument("--dir", default=tempfile.gettempdir(), help="where the temp expert file goes")
 p.add_argument("--no-torch", action="store_true")
+p.add_argument("--memory", choices=["mmap", "anon", "hugepages"], default="mmap",
+               help="where ggml reads the experts: the file's memory map (the runtime's way), or a copy in anonymous "
+                    "memory, with 4 KB pages or asking for transparent huge pages (madvise)")
 args = p.parse_args()
 os.environ["OMP_WAIT_POLICY"] = args.omp_wait  # before anything loads libgomp
 
@@ -99,8 +103,22 @@ try:
     for name, t, s in MATS:
         parts.append(StackedExperts(mm[at:at + E * expert_nbytes(t, s)], int(t), (E, *s)))
         at += E * expert_nbytes(t, s)
+    if args.memory != "mmap":                 # the same bytes in anonymous memory: is it the mapping's pages?
+        copies = []
+        for i, part in enumerate(parts):
+            m = mmap.mmap(-1, part.data.size)
+            if args.memory == "hugepages":
+                m.madvise(mmap.MADV_HUGEPAGE)
+            else:
+                m.madvise(mmap.MADV_NOHUGEPAGE)
+            a = np.frombuffer(m, np.uint8)
+            a[:] = part.data
+            copies.append(m)
+            parts[i] = StackedExperts(a, part.ggml_type, part.shape)
+    thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip()
     print(f"layer file: {E} experts x {per_expert / 1e6:.1f} MB = {len(mm) / 1e9:.2f} GB (mlocked: {locked}), "
-          f"written and read in {time.perf_counter() - t0:.0f} s")
+          f"written and read in {time.perf_counter() - t0:.0f} s; ggml reads it from {args.memory} "
+          f"(transparent huge pages: {thp}; AnonHugePages {meminfo('AnonHugePages') >> 20} MiB)")
     moe = MoEExperts(*parts, threads=THREADS)
 
     def routing(T):

@@ -7,11 +7,13 @@ a dense layer, then a MoE layer of 256 Q4_K/Q6_K experts, through runtime.model.
 Decode, one token at position 512 through the runtime's CUDA graphs, per MoE layer:
   attn      the layer's attention + router graph alone;
   gpu side  the graph launched beside the CPU (shared expert, + the resident experts' share when there are any);
-  cpu       ggml on the routed experts alone (hot: back to back), and GB/s of expert bytes;
+  cpu       ggml on the routed experts alone (back to back), and GB/s of expert bytes;
   step      attention graph + the MoE step + a sync: 'old' as the runtime ran it before runtime.experts.LayerExperts
             (pageable .to("cpu") copies that wait for the whole stream, a fresh tensor uploaded back), 'new' as it
             runs now (pinned buffers, an event on the copies only, the GPU side queued first, the sum uploaded
             asynchronously into the graph's own buffer); alternating pairs, medians;
+  (each call of cpu and step takes the next of 64 random sets of 8 experts, the graph's routing overwritten by a
+  device copy, which the step's glue includes: one set called again and again stays in a large L3);
   glue      step - attn - max(cpu, gpu side), and the pieces it is made of (copies down and up, old and new; the
             host-side split of the routing);
   wake      ggml after 300 us of idleness (a token's attention) vs hot, under four OpenMP wait policies, each in a
@@ -29,6 +31,7 @@ experts of T tokens (random routing over all experts) through ggml on the CPU vs
 with the runtime's prediction of each and its decision, the PCIe bound (bytes that cross / measured bandwidth).
 """
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -50,6 +53,7 @@ from runtime.load import Folder, TensorInfo  # noqa: E402
 from runtime.model import MoE, Transformer, cache_bytes, decode_span, prefill_reserve  # noqa: E402
 from synthetic import HIDDEN, TOPK  # noqa: E402
 
+ROUTES = 64          # expert sets the decode pieces cycle through
 POLICIES = {"PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
             "spin 30000": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "30000"},
             "spin 300000": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"},
@@ -158,6 +162,15 @@ def main():
         # ------------------------------------------------------------------ decode pieces, all experts on the CPU
         host = [t.to("cpu") for t in (h.float(), ids.to(torch.int32), weights.float())]
         xa, ia, wa = (t.numpy() for t in host)
+        # every timed call takes the next of ROUTES expert sets (each layer's 7.3 GB in turn), as a decode reads them:
+        # one set called again and again stays in a large L3 (on some of these hosts: 129% of the DRAM bandwidth)
+        routes = np.stack([np.sort(rng.choice(le.n_experts, TOPK, replace=False)) for _ in range(ROUTES)])
+        routes_i32 = [r[None].astype(np.int32) for r in routes]
+        routes_dev = torch.from_numpy(routes).to(dev, ids.dtype)
+        turn = itertools.count()
+
+        def reroute(dst):                                        # the graph's routing replaced by the next set
+            dst.copy_(routes_dev[next(turn) % ROUTES][None])
         oa = np.empty_like(xa)
         b = X._host.get(1, HIDDEN, TOPK, pinned=True)
 
@@ -178,14 +191,14 @@ def main():
             b.event.synchronize()
 
         pieces = {"attn": attn.replay, "gpu_side": gpu_graph.replay, "dense": dense.replay,
-                  "cpu": lambda: le.cpu.forward(xa, ia, wa, out=oa),
+                  "cpu": lambda: le.cpu.forward(xa, routes_i32[next(turn) % ROUTES], wa, out=oa),
                   "d2h_old": lambda: [t.to("cpu") for t in (h.float(), ids.to(torch.int32), weights.float())],
                   "d2h_new": d2h_new,
                   "h2d_old": lambda: routed.copy_(torch.from_numpy(oa).to(dev)),
                   "h2d_new": lambda: routed.copy_(b.out[:1], non_blocking=True),
                   "split_routing": lambda: X.cpu_routes(ia, wa, le.resident, b.ids32[:1], b.w_cpu[:1]),
-                  "step_old": lambda: (attn.replay(), old_moe()),
-                  "step_new": lambda: (attn.replay(), new_moe())}
+                  "step_old": lambda: (attn.replay(), reroute(ids), old_moe()),
+                  "step_new": lambda: (attn.replay(), reroute(ids), new_moe())}
         with torch.inference_mode():
             for fn in pieces.values():
                 fn()
@@ -214,18 +227,21 @@ def main():
             net.forward(toks[:1], pos)                           # recapture with the resident experts
             at, (_, gg, hh, ii, ww, rr), _ = find_moe_step(net, pos)
             hst = [t.to("cpu") for t in (hh.float(), ii.to(torch.int32), ww.float())]
-            ia2, wa2 = np.empty((1, TOPK), np.int32), np.empty((1, TOPK), np.float32)
-            any_cpu = X.cpu_routes(hst[1].numpy(), hst[2].numpy(), le.resident, ia2, wa2)
-            fns = {"attn": at.replay, "gpu_side": gg.replay,
-                   "step": lambda: (at.replay(), le.cpu_part(hh, ii, ww, gg.replay, out=rr))}
-            if any_cpu:
-                fns["cpu"] = lambda: le.cpu.forward(hst[0].numpy(), ia2, wa2, out=oa)
+            shares = []                                          # each route's CPU share (ids, weights), if any
+            for r in routes_i32:
+                ia2, wa2 = np.empty((1, TOPK), np.int32), np.empty((1, TOPK), np.float32)
+                if X.cpu_routes(r, hst[2].numpy(), le.resident, ia2, wa2):
+                    shares.append((ia2, wa2))
+            fns = {"attn": at.replay, "gpu_side": lambda: (reroute(ii), gg.replay()),
+                   "step": lambda: (at.replay(), reroute(ii), le.cpu_part(hh, ii, ww, gg.replay, out=rr))}
+            if shares:
+                fns["cpu"] = lambda: le.cpu.forward(hst[0].numpy(), *shares[next(turn) % len(shares)], out=oa)
             with torch.inference_mode():
                 for fn in fns.values():
                     fn()
                 r = alternate(fns, args.steps)
             r["cpu"] = r.get("cpu", 0.0)
-            r["gpu_experts_on_token"] = int(le.resident[hst[1].numpy()].sum())
+            r["gpu_experts_on_token"] = float(le.resident[routes].sum(1).mean())
             r["glue"] = r["step"] - r["attn"] - max(r["cpu"], r["gpu_side"])
             res[label] = r
             return r
@@ -309,7 +325,7 @@ def main():
     print("  ggml after 300 us idle / hot: " + "; ".join(f"{k} {us(v['after_idle_s'])} / {us(v['hot_s'])}"
                                                           for k, v in wake.items()))
     for label, r in (("all 256 resident", full), ("every other resident", half)):
-        print(f"  {label} ({r['gpu_experts_on_token']}/8 of the token's experts on the GPU): step {us(r['step'])}, "
+        print(f"  {label} ({r['gpu_experts_on_token']:.1f}/8 of the token's experts on the GPU): step {us(r['step'])}, "
               f"attn {us(r['attn'])}, gpu side {us(r['gpu_side'])}, cpu {us(r['cpu'])}, glue {us(r['glue'])}")
     print(f"  resident experts, prefill math: 256 tokens {us(gemm[256])}, 2048 tokens {us(gemm[2048])}")
     print("projection, DeepSeek-V3 decode (whole layers resident):")

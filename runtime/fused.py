@@ -145,7 +145,7 @@ def cache_write(kv: torch.Tensor, norm: torch.Tensor, eps: float, freqs: torch.T
 
 @triton.jit
 def _route_kernel(logits, bias, ids, wts, E, GROUP, route_scale, N_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
-                  TOP_K: tl.constexpr, BG: tl.constexpr, BE: tl.constexpr):
+                  TOP_K: tl.constexpr, BK: tl.constexpr, BG: tl.constexpr, BE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BG)[:, None]
     j = tl.arange(0, BE)[None, :]
@@ -168,9 +168,9 @@ def _route_kernel(logits, bias, ids, wts, E, GROUP, route_scale, N_GROUPS: tl.co
         keep = tl.where(gi == k, 1, keep)
         gsum = tl.where(gi == k, NEG, gsum)
     choice = tl.where(keep[:, None] != 0, choice, NEG)
-    kk = tl.arange(0, TOP_K)
-    out_ids = tl.zeros((TOP_K,), dtype=tl.int64)
-    out_w = tl.zeros((TOP_K,), dtype=tl.float32)
+    kk = tl.arange(0, BK)
+    out_ids = tl.zeros((BK,), dtype=tl.int64)
+    out_w = tl.zeros((BK,), dtype=tl.float32)
     for s in tl.static_range(TOP_K):
         top = tl.max(tl.max(choice, axis=1), axis=0)
         k = tl.min(tl.min(tl.where(choice == top, e, E + BG * BE), axis=1), axis=0)
@@ -178,21 +178,22 @@ def _route_kernel(logits, bias, ids, wts, E, GROUP, route_scale, N_GROUPS: tl.co
         out_w = tl.where(kk == s, tl.sum(tl.sum(tl.where(e == k, score, 0.0), axis=1), axis=0), out_w)
         choice = tl.where(e == k, NEG, choice)
     out_w = out_w / tl.sum(out_w, axis=0) * route_scale
-    tl.store(ids + t * TOP_K + kk, out_ids)
-    tl.store(wts + t * TOP_K + kk, out_w)
+    tl.store(ids + t * TOP_K + kk, out_ids, mask=kk < TOP_K)
+    tl.store(wts + t * TOP_K + kk, out_w, mask=kk < TOP_K)
 
 
 def route(logits: torch.Tensor, bias: torch.Tensor, n_groups: int, topk_groups: int, top_k: int,
           route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (T, E) float32, the router's GEMM -> (ids int64, weights float32), each (T, top_k). top_k a power
-    of two (8 in DeepSeek-V3)."""
+    """logits (T, E) float32, the router's GEMM -> (ids int64, weights float32), each (T, top_k)."""
     T, E = logits.shape
-    if E % n_groups or top_k & (top_k - 1):
-        raise ValueError(f"router: {E} experts in {n_groups} groups, top {top_k}: not a shape the kernel takes")
+    if E % n_groups or top_k > topk_groups * (E // n_groups):
+        raise ValueError(f"router: top {top_k} of {E} experts in {n_groups} groups (best {topk_groups}): "
+                         "not a routing")
     logits = logits.contiguous()
     ids = torch.empty((T, top_k), dtype=torch.long, device=logits.device)
     wts = torch.empty((T, top_k), dtype=torch.float32, device=logits.device)
     if T:
         _route_kernel[(T,)](logits, bias, ids, wts, E, E // n_groups, route_scale, N_GROUPS=n_groups,
-                            TOPK_GROUPS=topk_groups, TOP_K=top_k, BG=_block(n_groups), BE=_block(E // n_groups))
+                            TOPK_GROUPS=topk_groups, TOP_K=top_k, BK=_block(top_k), BG=_block(n_groups),
+                            BE=_block(E // n_groups))
     return ids, wts

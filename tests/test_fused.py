@@ -1,7 +1,8 @@
 """runtime.fused against runtime.model's torch expressions (the CPU's path), on fresh random data: in Triton's CPU
 interpreter without a GPU (conftest sets TRITON_INTERPRET), compiled on one. Norms and rotations to float32
 rounding (1e-5 relative); the router's choice exactly (same experts, same order) and its weights to 1e-5, at
-DeepSeek-V3's shape (256 experts in 8 groups, best 4 groups, top 8) and the fixture's (16 in 4, best 2, top 4).
+DeepSeek-V3's shape (256 experts in 8 groups, best 4 groups, top 8), the fixture's (16 in 4, best 2, top 4) and one
+without groups and a top-k that is no power of two (64, top 6).
 """
 import types
 
@@ -72,7 +73,7 @@ def test_cache_write_equals_norm_rope_and_index_put(slots):
     assert not got_kv.cpu()[~written].any() and not got_pe.cpu()[~written].any()
 
 
-@pytest.mark.parametrize("E,G,TG,K", [(256, 8, 4, 8), (16, 4, 2, 4)])
+@pytest.mark.parametrize("E,G,TG,K", [(256, 8, 4, 8), (16, 4, 2, 4), (64, 1, 1, 6)])
 def test_route_picks_the_same_experts_as_the_torch_router(E, G, TG, K):
     T, dim = 33, 64
     a = types.SimpleNamespace(n_groups=G, topk_groups=TG, top_k=K, route_scale=2.5)
@@ -85,6 +86,8 @@ def test_route_picks_the_same_experts_as_the_torch_router(E, G, TG, K):
     assert rel(gw.cpu(), w) < 1e-5
 
 
-def test_route_refuses_a_shape_it_cannot_take():
-    with pytest.raises(ValueError, match="12 experts in 5 groups"):
+def test_route_refuses_what_is_not_a_routing():
+    with pytest.raises(ValueError, match="of 12 experts in 5 groups"):
         fused.route(torch.zeros(1, 12, device=DEV), torch.zeros(12, device=DEV), 5, 1, 4, 1.0)
+    with pytest.raises(ValueError, match="top 9 of 16 experts in 4 groups"):
+        fused.route(torch.zeros(1, 16, device=DEV), torch.zeros(16, device=DEV), 4, 2, 9, 1.0)

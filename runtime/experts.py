@@ -596,7 +596,7 @@ class Streamer:
         others (the module's decode_pick); none until the CPU's time per expert at this batch size has been
         measured, or where the memory map cannot be page-locked; only for batches of `decode_rows` rows."""
         T = ids_np.shape[0]
-        if T not in self.decode_rows or T > self.DECODE_ROWS or T not in self.cpu_expert_s or not layer.gpu_ready \
+        if T not in self.decode_rows or T not in self.cpu_expert_s or not layer.gpu_ready \
                 or layer.n_experts > self.slots[0]["map"].numel() \
                 or not all(host_registered(m.data) for m in layer._mats):
             return np.empty(0, np.int64)
@@ -807,7 +807,8 @@ STAGE_BYTES = 1 << 30          # each of the two streaming slots (GPU and pinned
 # Decode batches of these many rows stream a share of their experts (Streamer.decode_experts). DSV3_DECODE_STREAM:
 # "0" none, "1" every batch up to Streamer.DECODE_ROWS rows; by default 2-8 rows, where it measured a gain (one row:
 # even, or worse with half the experts resident; 16: even; see BENCHMARKS.md).
-DECODE_STREAM = {"0": range(0), "1": range(1, 17)}.get(os.environ.get("DSV3_DECODE_STREAM", ""), range(2, 9))
+DECODE_STREAM = {"0": range(0), "1": range(1, Streamer.DECODE_ROWS + 1)}.get(
+    os.environ.get("DSV3_DECODE_STREAM", ""), range(2, 9))
 MARGIN_BYTES = 1 << 30         # left free on the GPU beside the plan (decode graphs' pools, allocator slack)
 
 

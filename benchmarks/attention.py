@@ -100,9 +100,11 @@ def time_decode(w_kb, w_vb, B: int, P: int, bound: int, cfg: dict = A.DECODE) ->
     splits = A.decode_splits(B, H, bound, dev, cfg)
     kernel = G.graph_time(lambda i: A._attend_latent(q_lat, q_rope, kv, pe, slot_sets[i % copies], pos, SCALE,
                                                      splits, 1, cfg["BLOCK_H"], cfg), calls)
+    split = G.graph_time(lambda i: A._attend_latent(q_lat, q_rope, kv, pe, slot_sets[i % copies], pos, SCALE,
+                                                    splits, 1, cfg["BLOCK_H"], cfg, combine=False), calls)
     del kv, pe
     return {"B": B, "P": P, "bound": bound, "splits": splits, "step_us": step * 1e6, "kernel_us": kernel * 1e6,
-            "gbs": B * P * ROW / kernel / 1e9}
+            "split_us": split * 1e6, "gbs": B * P * ROW / kernel / 1e9}
 
 
 def event_time(fn, reps: int = 5) -> float:
@@ -154,7 +156,9 @@ def time_prefill(w_kb, w_vb, T: int, offset: int, cfg: dict = A.PREFILL, forms=(
 # 272-472 bytes, the BLOCK_H 32 one runs the older HMMA products without spills).
 DECODE_SWEEP = [dict(A.DECODE, **v) for v in (
     {}, {"KEYS_MAJOR": True}, {"BLOCK_N": 64}, {"KEYS_MAJOR": True, "BLOCK_N": 64}, {"BLOCK_N": 16},
-    {"num_stages": 3}, {"WAVES": 2}, {"MIN_KEYS": 512}, {"MIN_KEYS": 128}, {"BLOCK_H": 32, "num_warps": 8})]
+    {"num_stages": 3}, {"num_stages": 4}, {"WAVES": 2}, {"MIN_KEYS": 128}, {"MIN_KEYS": 64},
+    {"BLOCK_H": 32, "num_warps": 4}, {"BLOCK_H": 32, "num_warps": 4, "WAVES": 2},
+    {"BLOCK_H": 16, "num_warps": 4, "WAVES": 2})]
 PREFILL_SWEEP = [dict(A.PREFILL, **v) for v in (
     {}, {"KEYS_MAJOR": True}, {"BLOCK_N": 64}, {"num_stages": 3}, {"ROWS": 32, "num_warps": 4})]
 
@@ -182,9 +186,9 @@ def main():
     sweep = {"decode": [], "prefill": []}
     if args.sweep:
         for cfg in DECODE_SWEEP:
-            for B in (1, 16):
+            for B, P in ((1, 1024), (1, 32768), (16, 32768)):
                 try:
-                    sweep["decode"].append(dict(time_decode(w_kb, w_vb, B, 32768, 32768, cfg), cfg=cfg))
+                    sweep["decode"].append(dict(time_decode(w_kb, w_vb, B, P, P, cfg), cfg=cfg))
                 except Exception as e:                        # a shape that does not compile: say which
                     sweep["decode"].append({"B": B, "cfg": cfg, "error": str(e).splitlines()[0][:200]})
         for cfg in PREFILL_SWEEP:
@@ -193,12 +197,13 @@ def main():
             except Exception as e:
                 sweep["prefill"].append({"cfg": cfg, "error": str(e).splitlines()[0][:200]})
 
-    print("\ndecode (span = P):   B       P  splits   step us  kernel us    GB/s  %copy   step/step@1K")
+    print("\ndecode (span = P):   B       P  splits   step us  kernel us  (split)    GB/s  %copy   step/step@1K")
     first = {}
     for r in decode:                                          # each B's step at the shortest context
         first.setdefault(r["B"], r["step_us"])
     for r in decode:
         print(f"{'':20s}{r['B']:3d} {r['P']:7d} {r['splits']:7d} {r['step_us']:9.1f} {r['kernel_us']:10.1f} "
+              f"{r['split_us']:8.1f} "
               f"{r['gbs']:7.0f} {100 * r['gbs'] / ceil['copy_gbs']:6.1f} {r['step_us'] / first[r['B']]:14.2f}")
     for B, r in span.items():
         print(f"span 128K at 1K, B={B:2d}: step {r['step_us']:.1f} us ({r['splits']} splits), "
@@ -212,8 +217,9 @@ def main():
               f"{r['triton_extra_gib']:5.1f} {r['triton_ms'] / r['sdpa_ms']:12.2f}")
     for r in sweep["decode"]:
         cfg = {k: v for k, v in r["cfg"].items() if A.DECODE.get(k) != v} or "default"
-        print(f"sweep decode 32K B={r['B']:2d} {cfg}: " + (r["error"] if "error" in r else
-              f"kernel {r['kernel_us']:.1f} us, {r['gbs']:.0f} GB/s, step {r['step_us']:.1f} us"))
+        print(f"sweep decode P={r.get('P', 32768):5d} B={r['B']:2d} {cfg}: " + (r["error"] if "error" in r else
+              f"kernel {r['kernel_us']:.1f} us (split kernel {r['split_us']:.1f}), {r['gbs']:.0f} GB/s, "
+              f"step {r['step_us']:.1f} us"))
     for r in sweep["prefill"]:
         cfg = {k: v for k, v in r["cfg"].items() if A.PREFILL.get(k) != v} or "default"
         print(f"sweep prefill 2K@24K {cfg}: " + (r["error"] if "error" in r else

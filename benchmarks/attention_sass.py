@@ -45,7 +45,8 @@ def split_kernel(cfg, decode):
 def combine_kernel(cfg):
     sig = dict(part_ptr="*fp32", lse_ptr="*fp32", pos_ptr="*i64", out_ptr="*fp32", s_ot="i32",
                s_oh="i32", s_os="i32", MIN_KEYS="i32")
-    return A._mla_combine_kernel, sig, dict(DL=DL, SPLITS=SPLITS, SPLITS_P2=triton.next_power_of_2(SPLITS), D_LAT=DL)
+    p2 = triton.next_power_of_2(SPLITS)
+    return A._mla_combine_kernel, sig, dict(DL=DL, SPLITS=SPLITS, SPLITS_P2=p2, BLOCK_D=max(16, min(DL, 4096 // p2)))
 
 
 def build(name, fn, sig, consts, warps, stages):

@@ -46,9 +46,11 @@ LOG2E = 1.4426950408889634
 
 # Launch shapes (benchmarks/attention.py --sweep times the alternatives; benchmarks/attention_sass.py shows what
 # each builds to on sm_90). Decode: 64 heads a program (two warpgroups split the 64 x kv_lora accumulator, both
-# products on Hopper's warpgroup MMA), at least MIN_KEYS keys a split, about WAVES waves of programs.
-DECODE = dict(BLOCK_H=64, BLOCK_N=32, MIN_KEYS=256, WAVES=1, KEYS_MAJOR=False, num_warps=8, num_stages=2)
-PREFILL = dict(ROWS=64, BLOCK_N=32, KEYS_MAJOR=False, num_warps=8, num_stages=2)
+# products on Hopper's warpgroup MMA), at least MIN_KEYS keys a split, about WAVES waves of programs; three
+# stages of key blocks in flight, since each program's loop waits on its loads, not on bandwidth. Prefill: key
+# blocks of 64 (they spill a few registers, yet halve the loop's steps).
+DECODE = dict(BLOCK_H=64, BLOCK_N=32, MIN_KEYS=256, WAVES=1, KEYS_MAJOR=False, num_warps=8, num_stages=3)
+PREFILL = dict(ROWS=64, BLOCK_N=64, KEYS_MAJOR=False, num_warps=8, num_stages=2)
 
 
 def mla_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
@@ -130,8 +132,9 @@ def prefill_triton(q_nope, q_pe, kv, pe, slot: int, pos, w_kb, w_vb, scale, cfg:
     return _unabsorb(o, w_vb)
 
 
-def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_h, cfg):
-    """Softmax(q_lat c_kv^T + q_rope k_rope^T) c_kv per row and head, float32 (T, H, kv_lora)."""
+def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_h, cfg, combine: bool = True):
+    """Softmax(q_lat c_kv^T + q_rope k_rope^T) c_kv per row and head, float32 (T, H, kv_lora). `combine=False`
+    (benchmarks: the split kernel's time alone) leaves the splits unmerged."""
     T, H, DL = q_lat.shape
     DR = q_rope.shape[-1]
     assert kv.stride(-1) == 1 and pe.stride(-1) == 1 and kv.dtype == pe.dtype == torch.bfloat16, "bf16 cache rows"
@@ -150,10 +153,12 @@ def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_
         cfg.get("MIN_KEYS", 1), DL=DL, DR=DR, SPLITS=splits, TOK=tok, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"],
         D_LAT=d_lat, D_PE=d_pe, KEYS_MAJOR=cfg["KEYS_MAJOR"], DOT_F32=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if splits > 1:
-        _mla_combine_kernel[(T, H)](part, lse, pos, out, part.stride(0), part.stride(1), part.stride(2),
-                                    cfg["MIN_KEYS"], DL=DL, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
-                                    D_LAT=d_lat, num_warps=4)
+    if splits > 1 and combine:
+        p2 = triton.next_power_of_2(splits)
+        block_d = max(16, min(d_lat, 4096 // p2))                   # a tile of ~4K partials a program
+        _mla_combine_kernel[(T, H, triton.cdiv(DL, block_d))](
+            part, lse, pos, out, part.stride(0), part.stride(1), part.stride(2), cfg["MIN_KEYS"], DL=DL,
+            SPLITS=splits, SPLITS_P2=p2, BLOCK_D=block_d, num_warps=4)
     return out
 
 
@@ -247,8 +252,10 @@ def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, l
 
 @triton.jit
 def _mla_combine_kernel(part_ptr, lse_ptr, pos_ptr, out_ptr, s_ot, s_oh, s_os, MIN_KEYS,
-                        DL: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D_LAT: tl.constexpr):
-    """Program (row, head): the row's active splits merged by their log2-sum-exp."""
+                        DL: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (row, head, piece of kv_lora): the row's active splits merged by their log2-sum-exp. All splits'
+    partials are loaded at once (a SPLITS_P2 x BLOCK_D tile), not one after another: a serial loop over 64 splits
+    would wait on 64 loads in turn."""
     t = tl.program_id(0)
     h = tl.program_id(1)
     H = tl.num_programs(1)
@@ -258,14 +265,13 @@ def _mla_combine_kernel(part_ptr, lse_ptr, pos_ptr, out_ptr, s_ot, s_oh, s_os, M
     lse = tl.load(lse_ptr + (t * H + h) * SPLITS + s, mask=s < active, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(tl.math.exp2(lse - m), axis=0)
-    dl = tl.arange(0, D_LAT)
-    acc = tl.zeros([D_LAT], tl.float32)
-    base = part_ptr + t * s_ot + h * s_oh
-    for i in range(0, active):
-        w = tl.math.exp2(tl.load(lse_ptr + (t * H + h) * SPLITS + i) - m)
-        acc += w * tl.load(base + i * s_os + dl, mask=dl < DL, other=0.0)
-    tl.store(out_ptr + (t * H + h) * DL + dl, acc / tl.where(total > 0, total, 1.0), mask=dl < DL)
+    w = tl.math.exp2(lse - m)                                      # 0 for the splits past the row's length
+    total = tl.sum(w, axis=0)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    part = tl.load(part_ptr + t.to(tl.int64) * s_ot + h * s_oh + s[:, None] * s_os + d[None, :],
+                   mask=(s < active)[:, None] & (d < DL)[None, :], other=0.0)
+    acc = tl.sum(part.to(tl.float32) * w[:, None], axis=0)
+    tl.store(out_ptr + (t.to(tl.int64) * H + h) * DL + d, acc / tl.where(total > 0, total, 1.0), mask=d < DL)
 
 
 def prefill_sdpa(q_nope, q_pe, kv, pe, slot: int, end: int, w_kb, w_vb, scale):

@@ -46,10 +46,11 @@ LOG2E = 1.4426950408889634
 
 # Launch shapes (benchmarks/attention.py --sweep times the alternatives; benchmarks/attention_sass.py shows what
 # each builds to on sm_90). Decode: 64 heads a program (two warpgroups split the 64 x kv_lora accumulator, both
-# products on Hopper's warpgroup MMA), at least MIN_KEYS keys a split, about WAVES waves of programs; three
-# stages of key blocks in flight, since each program's loop waits on its loads, not on bandwidth. Prefill: key
-# blocks of 64 (they spill a few registers, yet halve the loop's steps).
-DECODE = dict(BLOCK_H=64, BLOCK_N=32, MIN_KEYS=256, WAVES=1, KEYS_MAJOR=False, num_warps=8, num_stages=3)
+# products on Hopper's warpgroup MMA), at least MIN_KEYS keys a split, about WAVES waves of programs. Key blocks
+# of 64, both: they spill a few registers, yet a program's time goes mostly to the scores' chain of small
+# dependent MMAs (Triton gives each warpgroup the whole 64 x BLOCK_N tile), and 64 keys take that chain at twice
+# the width of 32.
+DECODE = dict(BLOCK_H=64, BLOCK_N=64, MIN_KEYS=256, WAVES=1, KEYS_MAJOR=False, num_warps=8, num_stages=2)
 PREFILL = dict(ROWS=64, BLOCK_N=64, KEYS_MAJOR=False, num_warps=8, num_stages=2)
 
 

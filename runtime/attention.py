@@ -18,6 +18,8 @@ On a GPU the same call takes Triton kernels on the absorbed form, or torch's fla
   parallelism and a second kernel merges the splits by their log-sum-exp. Each row reads its slot and position from
   device memory and splits its own true length, so a step is a fixed pair of launches (a CUDA graph captures it)
   whose cost follows the context, not the graph's span: a program past its row's length loads and writes nothing.
+  On sm_90 at DeepSeek's shapes the split kernel is runtime.attention_hopper's (Gluon: TMA, no score computed
+  twice), with this module's Triton kernel as the fallback and the reference.
 - prefill, picked per chunk by `prefill_form`: fused attention (cuDNN's, else torch's flash kernel) on the expanded
   form (`prefill_sdpa`: the slot's cache expanded per head through W_kb / W_vb a piece of keys at a time, the pieces
   merged by their log-sum-exp),
@@ -36,6 +38,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+try:                    # Gluon's Hopper API is experimental: without it, decode runs the Triton kernel everywhere
+    from runtime import attention_hopper
+    _hopper_error: Exception | None = None
+except (ImportError, AttributeError) as e:
+    attention_hopper, _hopper_error = None, e
+HOPPER = os.environ.get("DSV3_ATTN_GLUON", "1") != "0"     # "0": the Triton decode kernel on sm_90 too
+
 KEY_BLOCK = 256                   # keys per online-softmax step: the same blocks whatever the rows, so a prompt
                                   # prefilled in chunks sums in the same order as in one pass
 EXPAND_KEYS = 8192                # keys expanded per head at once (prefill_sdpa): ~1.3 GiB at DeepSeek's shape
@@ -46,11 +55,12 @@ LOG2E = 1.4426950408889634
 
 # Launch shapes (benchmarks/attention.py --sweep times the alternatives; benchmarks/attention_sass.py shows what
 # each builds to on sm_90). Decode: 64 heads a program (two warpgroups split the 64 x kv_lora accumulator, both
-# products on Hopper's warpgroup MMA), at least MIN_KEYS keys a split, about WAVES waves of programs. Key blocks
-# of 64, both: they spill a few registers, yet a program's time goes mostly to the scores' chain of small
+# products on Hopper's warpgroup MMA), at least MIN_KEYS keys a split (a short context still spreads over a few
+# programs), about WAVES waves of programs. Key blocks of 64, both: they spill a few registers, yet a program's time goes mostly to the scores' chain of small
 # dependent MMAs (Triton gives each warpgroup the whole 64 x BLOCK_N tile), and 64 keys take that chain at twice
 # the width of 32.
-DECODE = dict(BLOCK_H=64, BLOCK_N=64, MIN_KEYS=256, WAVES=1, KEYS_MAJOR=False, num_warps=8, num_stages=2)
+DECODE = dict(BLOCK_H=64, BLOCK_N=64, MIN_KEYS=128, WAVES=1, KEYS_MAJOR=False, num_warps=8, num_stages=2,
+              GLUON=True)        # GLUON: attention_hopper's kernel where it applies (sm_90, DeepSeek's shapes)
 PREFILL = dict(ROWS=64, BLOCK_N=64, KEYS_MAJOR=False, num_warps=8, num_stages=2)
 
 
@@ -147,13 +157,15 @@ def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_
         part, lse = out.unsqueeze(2), out            # lse unused with one split
     d_lat, d_pe = triton.next_power_of_2(DL), triton.next_power_of_2(DR)
     grid = (triton.cdiv(H, block_h), splits, triton.cdiv(T, tok))
-    _mla_split_kernel[grid](
-        q_lat, q_rope, kv, pe, slots, pos, part, lse, T, H, scale * LOG2E,
-        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv.stride(0), kv.stride(1),
-        pe.stride(0), pe.stride(1), part.stride(0), part.stride(1), part.stride(2),
-        cfg.get("MIN_KEYS", 1), DL=DL, DR=DR, SPLITS=splits, TOK=tok, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"],
-        D_LAT=d_lat, D_PE=d_pe, KEYS_MAJOR=cfg["KEYS_MAJOR"], DOT_F32=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if not (tok == 1 and cfg.get("GLUON") and _hopper_split(q_lat, q_rope, kv, pe, slots, pos, scale * LOG2E,
+                                                             part, lse, cfg["MIN_KEYS"], splits)):
+        _mla_split_kernel[grid](
+            q_lat, q_rope, kv, pe, slots, pos, part, lse, T, H, scale * LOG2E,
+            q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv.stride(0), kv.stride(1),
+            pe.stride(0), pe.stride(1), part.stride(0), part.stride(1), part.stride(2),
+            cfg.get("MIN_KEYS", 1), DL=DL, DR=DR, SPLITS=splits, TOK=tok, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"],
+            D_LAT=d_lat, D_PE=d_pe, KEYS_MAJOR=cfg["KEYS_MAJOR"], DOT_F32=os.environ.get("TRITON_INTERPRET") == "1",
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1 and combine:
         p2 = triton.next_power_of_2(splits)
         block_d = max(16, min(d_lat, 4096 // p2))                   # a tile of ~4K partials a program
@@ -161,6 +173,34 @@ def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_
             part, lse, pos, out, part.stride(0), part.stride(1), part.stride(2), cfg["MIN_KEYS"], DL=DL,
             SPLITS=splits, SPLITS_P2=p2, BLOCK_D=block_d, num_warps=4)
     return out
+
+
+_hopper_built = _hopper_noted = False
+
+
+def _hopper_split(q_lat, q_rope, kv, pe, *args) -> bool:
+    """attention_hopper's decode kernel where it applies (sm_90, DeepSeek's shapes); False where it does not, or
+    where its first build fails (a Triton whose Gluon differs: said once, and the Triton kernel runs from then on)."""
+    global attention_hopper, _hopper_built, _hopper_error, _hopper_noted
+    if attention_hopper is None:
+        if HOPPER and not _hopper_noted and kv.is_cuda and torch.cuda.get_device_capability(kv.device) == (9, 0):
+            _hopper_noted = True
+            warnings.warn(f"runtime.attention: the Hopper decode kernel is not available ({_hopper_error}); "
+                          f"using the Triton kernel")
+        return False
+    if not (HOPPER and attention_hopper.usable(q_lat, kv, pe)):
+        return False
+    try:
+        attention_hopper.split(q_lat, q_rope, kv, pe, *args)
+    except Exception as e:
+        if _hopper_built:
+            raise
+        _hopper_error, attention_hopper, _hopper_noted = e, None, True
+        warnings.warn(f"runtime.attention: the Hopper decode kernel does not build with Triton {triton.__version__} "
+                      f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}); using the Triton kernel")
+        return False
+    _hopper_built = True
+    return True
 
 
 @triton.jit

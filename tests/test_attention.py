@@ -172,3 +172,33 @@ def test_gpu_decode_real_heads_in_a_graph():
         eager = A.mla_attend(*args())
         assert torch.equal(out, eager)
         assert rel(out, reference(qn, qp, c, slots, pos)) < 1e-2
+
+
+@gpu
+def test_gpu_decode_hopper_kernel_real_dims():
+    """DeepSeek's latent dims (kv_lora 512, rope 64), 128 heads: runtime.attention_hopper's Gluon kernel (sm_90)
+    and the Triton kernel against float64, rows at block and split edges, one at the cache tensor's very end (TMA
+    reads zeros past it), a split count from a longer span than the rows need."""
+    g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    S, L, Hr = 3, 4100, 128
+    kv = torch.randn(S, L, 512, device="cuda", generator=g).to(torch.bfloat16)
+    pe = torch.randn(S, L, 64, device="cuda", generator=g).to(torch.bfloat16)
+    pos = torch.tensor([0, 63, 64, 255, 256, 1000, 3000, L - 1], device="cuda")
+    slots = torch.tensor([0, 1, 2, 0, 1, 2, 0, S - 1], device="cuda")
+    T = len(pos)
+    q_lat = torch.randn(T, Hr, 512, device="cuda", generator=g).to(torch.bfloat16)
+    q_rope = torch.randn(T, Hr, 64, device="cuda", generator=g).to(torch.bfloat16)
+    scale = 0.05
+    ref = []
+    for t in range(T):
+        k, r = kv[slots[t], :pos[t] + 1].double(), pe[slots[t], :pos[t] + 1].double()
+        att = torch.softmax((q_lat[t].double() @ k.T + q_rope[t].double() @ r.T) * scale, -1)
+        ref.append(att @ k)
+    ref = torch.stack(ref).cpu()
+    hopper = torch.cuda.get_device_capability() == (9, 0) and A.attention_hopper is not None
+    for cfg in (A.DECODE, dict(A.DECODE, GLUON=False)):
+        for bound in (L, 16384):
+            splits = A.decode_splits(T, Hr, bound, torch.device("cuda"), cfg)
+            out = A._attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, 1, 64, cfg)
+            assert rel(out, ref) < 1e-2, (cfg["GLUON"], bound, splits)
+    assert A._hopper_built == hopper

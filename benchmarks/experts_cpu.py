@@ -1,17 +1,23 @@
 """
-One real-size DeepSeek-V3 MoE layer on the CPU through runtime.experts (ggml's quantized kernels), measured in one run
-against the host's memory-read bandwidth and against torch dequantize-then-matmul.
+One real-size DeepSeek-V3 MoE layer on the CPU through runtime.experts (ggml's quantized kernels, and for decode the own
+AVX-512 kernel of runtime.cpu_kernels), measured in one run against the host's memory-read bandwidth and against torch
+dequantize-then-matmul.
 
     python benchmarks/experts_cpu.py [--experts 256] [--threads N] [--rounds 6] [--no-torch] [--memory mmap]
+                                     [--kernel both|ggml|own] [--decode-tokens 1]
 
 Layer: hidden 7168, experts of 2048, Q4_K gate/up, Q6_K down (28.5 MB of blocks per expert; 256 experts = 7.3 GB),
 random valid blocks written to a temp file and memmapped, as the runtime memmaps a merged folder's shard. The file is
 mlocked (this VM's DAMON pages out page cache left idle for 60 s, and other processes' I/O evicts it) and read
 through once: warm page cache and page tables, the runtime's steady state.
-decode: 1 token, top-8 of fresh random experts every repeat (bytes = 8 experts x 3 matrices).
+decode: 1 token (--decode-tokens), top-8 of fresh random experts every repeat (bytes = the distinct experts x 3
+matrices); with --kernel both, by ggml's graph ("decode") and by the own kernel ("decode own", called directly, so
+also above runtime.experts.KERNEL_MAX_TOKENS), taking turns in each round, each with its own fresh routing; the
+speed-up line gives the median of the per-round ratios.
 prefill: 128 tokens, a random top-8 per token (bytes = the distinct experts touched, each read once).
-Shared hosts are noisy, so the ggml timings come in rounds, each round = one memory-bandwidth sample (torch sum over
-4 GiB, same threads), 4 decodes, 1 prefill; the table gives medians and the median of the per-round ratios.
+Shared hosts are noisy, so the timings come in rounds, each round = one memory-bandwidth sample (torch sum over
+4 GiB, same threads), 4 decodes by each kernel, 1 prefill; the table gives medians and the median of the per-round
+ratios.
 torch: each touched expert dequantized to float32 (stages.dequant, the project's fast numpy path; same threads),
 then torch.matmul; "matmul" is the torch part alone (float32 weights: 7.1x the bytes of Q4_K).
 --experts: fewer experts for hosts without ~12 GB of free RAM; top-8 stays 8 distinct real-size experts.
@@ -34,6 +40,9 @@ p.add_argument("--torch-repeats", type=int, default=5, help="decode; prefill get
 p.add_argument("--omp-wait", choices=["PASSIVE", "ACTIVE"], default="PASSIVE", help="OMP_WAIT_POLICY (ggml and torch)")
 p.add_argument("--dir", default=tempfile.gettempdir(), help="where the temp expert file goes")
 p.add_argument("--no-torch", action="store_true")
+p.add_argument("--kernel", choices=["both", "ggml", "own"], default="both",
+               help="decode through ggml's graph, the own kernel (runtime.cpu_kernels), or both side by side")
+p.add_argument("--decode-tokens", type=int, default=1)
 p.add_argument("--memory", choices=["mmap", "anon", "hugepages"], default="mmap",
                help="where ggml reads the experts: the file's memory map (the runtime's way), or a copy in anonymous "
                     "memory, with 4 KB pages or asking for transparent huge pages (madvise)")
@@ -43,6 +52,7 @@ os.environ["OMP_WAIT_POLICY"] = args.omp_wait  # before anything loads libgomp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runtime import ggml_ops as G  # noqa: E402
+from runtime import experts as X  # noqa: E402
 from runtime.experts import MoEExperts, StackedExperts  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -119,28 +129,47 @@ try:
     print(f"layer file: {E} experts x {per_expert / 1e6:.1f} MB = {len(mm) / 1e9:.2f} GB (mlocked: {locked}), "
           f"written and read in {time.perf_counter() - t0:.0f} s; ggml reads it from {args.memory} "
           f"(transparent huge pages: {thp}; AnonHugePages {meminfo('AnonHugePages') >> 20} MiB)")
+    os.environ["DSV3_CPU_KERNEL"] = "0"   # this one: ggml's graph at every size
     moe = MoEExperts(*parts, threads=THREADS)
+    del os.environ["DSV3_CPU_KERNEL"]
+    own = X.own_kernel() if args.kernel != "ggml" else None
+    if args.kernel != "ggml" and own is None:
+        print("note: the own kernel does not run here: ggml only")
+    own_out = np.empty((args.decode_tokens, HIDDEN), np.float32)
+
+    def own_forward(x, ids, w):
+        own.moe(x, ids, w, *parts, own_out, THREADS)
+        return own_out
 
     def routing(T):
         ids = np.stack([rng.choice(E, TOPK, replace=False) for _ in range(T)]).astype(np.int32)
         w = rng.uniform(0.05, 1, (T, TOPK)).astype(np.float32)
         return rng.standard_normal((T, HIDDEN)).astype(np.float32), ids, w
 
-    # -------------------------------------------------------------------------------------------- ggml, in rounds
+    def repeats(T):  # decodes per round
+        return 4 if T <= 16 else 1
+
+    # --------------------------------------------------------------------------------- ggml and the own kernel, in rounds
     buf = torch.ones(BW_BYTES // 4)  # >> any L3 (this VM reports 480 MiB)
-    cases = {"decode": 1, f"prefill {args.prefill_tokens}": args.prefill_tokens}
+    dec = "decode" if args.decode_tokens == 1 else f"decode {args.decode_tokens}"
+    cases = {}  # case -> (tokens, forward)
+    if args.kernel != "own" or own is None:
+        cases[dec] = (args.decode_tokens, moe.forward)
+    if own is not None:
+        cases[dec + " own"] = (args.decode_tokens, own_forward)
+    cases[f"prefill {args.prefill_tokens}"] = (args.prefill_tokens, moe.forward)
     samples = {c: [] for c in cases}  # (seconds, bytes, the round's bandwidth)
-    for T in cases.values():
-        moe.forward(*routing(T))  # build the graphs, warm up
+    for T, forward in cases.values():
+        forward(*routing(T))  # build the graphs, warm up
     load0, faults0 = os.getloadavg()[0], resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     for _ in range(args.rounds):
         bw = BW_BYTES / timed(buf.sum)
-        for case, T in cases.items():
-            for _ in range(4 if T == 1 else 1):
+        for case, (T, forward) in cases.items():
+            for _ in range(repeats(T)):
                 x, ids, w = routing(T)
-                samples[case].append((timed(moe.forward, x, ids, w), len(np.unique(ids)) * per_expert, bw))
+                samples[case].append((timed(forward, x, ids, w), len(np.unique(ids)) * per_expert, bw))
     load1, faults = os.getloadavg()[0], resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults0
-    bws = [s[2] for s in samples["decode"][::4]]
+    bws = [s[2] for s in next(iter(samples.values()))[::repeats(args.decode_tokens)]]
     del buf
 
     # -------------------------------------------------------------------------------------------- torch baseline
@@ -163,7 +192,9 @@ try:
         return out.numpy()
 
     torch_rows = {}
-    for case, T in cases.items() if not args.no_torch else ():
+    for case, (T, _) in cases.items() if not args.no_torch else ():
+        if case.endswith(" own"):
+            continue
         x, ids, w = routing(T)
         out_t = torch_moe(x, ids, w, [0.0, 0.0])  # also the warm-up
         rel_diff = float(np.linalg.norm(moe.forward(x, ids, w) - out_t) / np.linalg.norm(out_t))
@@ -185,19 +216,24 @@ try:
     print(f"memory read bandwidth (torch sum, {BW_BYTES >> 30} GiB, {THREADS} threads): "
           f"median {np.median(bws) / 1e9:.1f} GB/s, range {min(bws) / 1e9:.1f}-{max(bws) / 1e9:.1f} "
           f"over {args.rounds} rounds")
-    print(f"layer: hidden {HIDDEN}, {E} experts of {INTER}, Q4_K gate/up + Q6_K down, top-{TOPK}; "
-          f"ggml: median of {args.rounds} rounds x (4 decodes, 1 prefill); torch: median of "
-          f"{args.torch_repeats} / {max(1, args.torch_repeats // 2)}\n")
-    hdr = (f"{'case':12s} {'experts':>7s} {'GB read':>7s} {'ggml ms':>8s} {'(range)':>13s} {'GB/s':>5s} {'of bw':>6s} "
+    print(f"layer: hidden {HIDDEN}, {E} experts of {INTER}, Q4_K gate/up + Q6_K down, top-{TOPK}; median of "
+          f"{args.rounds} rounds x ({repeats(args.decode_tokens)} decodes by each kernel, 1 prefill by ggml); "
+          f"torch: median of {args.torch_repeats} / {max(1, args.torch_repeats // 2)}\n")
+    hdr = (f"{'case':14s} {'experts':>7s} {'GB read':>7s} {'ms':>8s} {'(range)':>13s} {'GB/s':>5s} {'of bw':>6s} "
            f"{'GFLOP/s':>7s}")
     if torch_rows:
         hdr += f" {'torch ms':>8s} {'matmul ms':>9s} {'speed-up':>8s} {'vs matmul':>9s} {'rel diff':>8s}"
     print(hdr)
-    for case, T in cases.items():
+
+    def rate(case):  # (median seconds, mean bytes)
         s = np.array(samples[case])
-        sec, nbytes = float(np.median(s[:, 0])), float(np.mean(s[:, 1]))
+        return float(np.median(s[:, 0])), float(np.mean(s[:, 1]))
+
+    for case, (T, _) in cases.items():
+        s = np.array(samples[case])
+        sec, nbytes = rate(case)
         of_bw = float(np.median(s[:, 1] / s[:, 0] / s[:, 2]))
-        line = (f"{case:12s} {nbytes / per_expert:7.1f} {nbytes / 1e9:7.2f} {sec * 1e3:8.1f} "
+        line = (f"{case:14s} {nbytes / per_expert:7.1f} {nbytes / 1e9:7.2f} {sec * 1e3:8.1f} "
                 f"{f'{s[:, 0].min() * 1e3:.0f}-{s[:, 0].max() * 1e3:.0f}':>13s} {nbytes / sec / 1e9:5.1f} "
                 f"{of_bw:6.0%} "
                 f"{2 * 3 * T * TOPK * INTER * HIDDEN / sec / 1e9:7.1f}")
@@ -205,5 +241,13 @@ try:
             t_all, t_mm, rel_diff = torch_rows[case]
             line += f" {t_all * 1e3:8.0f} {t_mm * 1e3:9.0f} {t_all / sec:7.1f}x {t_mm / sec:8.1f}x {rel_diff:8.1e}"
         print(line)
+    if dec in samples and dec + " own" in samples:
+        g, o = np.array(samples[dec]), np.array(samples[dec + " own"])
+        n = repeats(args.decode_tokens)
+        ratios = [np.median(g[i:i + n, 0]) / np.median(o[i:i + n, 0]) for i in range(0, len(g), n)]
+        (so, bo), (sg, bg) = rate(dec + " own"), rate(dec)
+        print(f"\n{dec}: own kernel {bo / so / 1e9:.1f} GB/s, ggml {bg / sg / 1e9:.1f} GB/s: "
+              f"own {np.median(ratios):.2f}x as fast (median of the rounds' ratios of median times; range "
+              f"{min(ratios):.2f}-{max(ratios):.2f})")
 finally:
     os.unlink(path)

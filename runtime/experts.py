@@ -1,7 +1,7 @@
 """
 Routed experts: where they live and how a layer's step runs them.
 
-- `MoEExperts`: one layer's experts on the CPU through ggml (below).
+- `MoEExperts`: one layer's experts on the CPU through ggml, or for Q4_K/Q6_K runtime.cpu_kernels (below).
 - `LayerExperts`: one layer on both devices: the experts placed on the GPU (runtime.ggml_gpu, GGML bytes) and the
   rest through MoEExperts, at once, beside the shared expert (decode: pinned buffers, events, no allocation).
 - placement (`plan_placement`, `setup_gpu`): which experts fill the GPU's spare memory: the most-hit of a routing
@@ -28,6 +28,15 @@ into chunks of max_tokens), the padding rows repeating the chunk's first token's
 they touch no extra expert bytes. A graph's buffers take (2 hidden + 4 k inter + k hidden) * 4 bytes per padded
 token: 140 MB for 256 DeepSeek-V3 tokens, ~280 MB for all buckets up to 256 together.
 ggml's compute releases the GIL; one call at a time per graph (a lock), so layers run one after another.
+
+Fast path: a chunk of at most KERNEL_MAX_TOKENS tokens whose three matrices are all Q4_K/Q6_K (a Q4_K_M model's
+experts) runs instead through runtime.cpu_kernels' own AVX-512 VNNI kernel, one call per layer: ggml's Q4_K/Q6_K
+dot products are AVX2 and compute-bound on a core below its memory bandwidth, which a decode step's experts are
+bound by (a longer chunk's, by compute). Its results are bit-identical to the graph's (same Q8_K rounding, same
+float order; checked once per process on a small random layer before it is used: own_kernel), so which path ran
+never shows. Where it cannot run (another weight type, no AVX-512 VNNI, no compiler, a failed check,
+DSV3_CPU_KERNEL=0) the graph does. Its scratch buffers are kept per padded token count like the graphs: 0.4 MB for
+one DeepSeek-V3 token, 102 MB for 256, 204 MB for all buckets up to 256 (such layers then build no graphs).
 """
 from __future__ import annotations
 
@@ -47,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime import ggml_ops as G
+from runtime import cpu_kernels, ggml_ops as G
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,50 @@ class _Graph:
             G.free(self.ctx)
 
 
+# Chunks of up to this many tokens run through runtime.cpu_kernels where it can (the module docstring's fast path).
+# It beat the graph at every size measured (benchmarks/experts_cpu.py --decode-tokens 1 to 256, on a 2-core EPYC:
+# 1.25-1.9x at 1 token, where the memory bounds it, 1.9-2.3x from 4 tokens on, where compute does), so it takes
+# every chunk of the default max_tokens.
+KERNEL_MAX_TOKENS = 256
+
+_own = None                 # runtime.cpu_kernels' kernel once checked: False where it cannot run or failed the check
+_own_lock = threading.RLock()
+
+
+def own_kernel() -> cpu_kernels.Kernel | None:
+    """runtime.cpu_kernels' kernel, or None (the graph runs): DSV3_CPU_KERNEL=0, it cannot build here, or it did not
+    give the graph's exact output on a small random layer with Q4_K and Q6_K in every position (checked once per
+    process, like stages.fastquant's quantizers; a mismatch is said once)."""
+    global _own
+    if os.environ.get("DSV3_CPU_KERNEL", "1") == "0":
+        return None
+    with _own_lock:
+        if _own is None:
+            _own = False            # meanwhile: the check's own reference layer gets the graph
+            kernel = cpu_kernels.kernel()
+            if kernel is not None and _same_as_graph(kernel):
+                _own = kernel
+    return _own or None
+
+
+def _same_as_graph(kernel: cpu_kernels.Kernel) -> bool:
+    rng = np.random.default_rng(0)
+    for types in ((G.Q4_K, G.Q6_K, G.Q4_K), (G.Q6_K, G.Q4_K, G.Q6_K)):
+        parts = [StackedExperts(*p) for p in cpu_kernels.random_layer(rng, types, 4, 512, 256)]
+        x = rng.standard_normal((3, 512)).astype(np.float32)
+        ids = np.array([[0, 1], [2, 1], [3, 3]], np.int32)
+        w = rng.uniform(0.05, 1, (3, 2)).astype(np.float32)
+        want = MoEExperts(*parts, threads=2).forward(x, ids, w)
+        got = np.empty_like(want)
+        kernel.moe(x, ids, w, *parts, got, 2)
+        if not np.array_equal(got, want):
+            print(f"note: the own CPU expert kernel ({cpu_kernels.SOURCE.name}) does not give ggml's exact results "
+                  f"here (relative difference {np.linalg.norm(got - want) / np.linalg.norm(want):.1e}); ggml runs "
+                  "the routed experts", file=sys.stderr)
+            return False
+    return True
+
+
 _graphs: dict[tuple, _Graph] = {}
 _graphs_lock = threading.Lock()
 
@@ -126,6 +179,8 @@ class MoEExperts:
         self.threads = threads or G.physical_cores()
         self.max_tokens = max_tokens
         self._addresses = [s.data.ctypes.data for s in (self.gate, self.up, self.down)]
+        types = [s.ggml_type for s in (self.gate, self.up, self.down)]
+        self._kernel = own_kernel() if cpu_kernels.Kernel.supports(*types) else None
 
     @classmethod
     def from_folder(cls, folder, layer: int, **kw) -> MoEExperts:
@@ -175,6 +230,13 @@ class MoEExperts:
 
     def _run(self, x, ids, w, out):
         n, k = ids.shape
+        if self._kernel is not None and n <= KERNEL_MAX_TOKENS:
+            dest = out if out.flags.c_contiguous else np.empty_like(out, order="C")
+            self._kernel.moe(np.ascontiguousarray(x), np.ascontiguousarray(ids, np.int32), np.ascontiguousarray(w),
+                             self.gate, self.up, self.down, dest, self.threads)
+            if dest is not out:
+                out[:] = dest
+            return
         g = self._graph(min(1 << (n - 1).bit_length(), self.max_tokens), k)
         with g.lock:
             for t, address in zip((g.w_gate, g.w_up, g.w_down), self._addresses):  # this layer's bytes

@@ -81,26 +81,19 @@ def test_many_pairs_per_expert_and_repeats_in_a_row(monkeypatch):
     check(parts, x, ids, w, graph, "graph, one expert for every token")
 
 
-def test_other_types_run_through_ggml():
+@pytest.mark.parametrize("why", ["Q5_K down", "DSV3_CPU_KERNEL=0"])
+def test_ggml_runs_where_the_kernel_does_not(why, monkeypatch):
+    types = (QT.Q4_K, QT.Q4_K, QT.Q5_K if why == "Q5_K down" else QT.Q6_K)
+    if why == "DSV3_CPU_KERNEL=0":
+        monkeypatch.setenv("DSV3_CPU_KERNEL", "0")
+        assert cpu_kernels.kernel() is None and X.own_kernel() is None
     rng = np.random.default_rng(6)
-    parts = layer(rng, (QT.Q4_K, QT.Q4_K, QT.Q5_K))
+    parts = layer(rng, types)
     moe = MoEExperts(*parts)
     assert moe._kernel is None
     x = rng.standard_normal((3, HIDDEN)).astype(np.float32)
     ids, w = routing(rng, 3, EXPERTS, K)
-    check(parts, x, ids, w, moe.forward(x, ids, w), "Q5_K down: ggml")
-
-
-def test_env_switch_keeps_ggml(monkeypatch):
-    monkeypatch.setenv("DSV3_CPU_KERNEL", "0")
-    assert cpu_kernels.kernel() is None and X.own_kernel() is None
-    rng = np.random.default_rng(7)
-    parts = layer(rng, (QT.Q4_K, QT.Q4_K, QT.Q6_K))
-    moe = MoEExperts(*parts)
-    assert moe._kernel is None
-    x = rng.standard_normal((1, HIDDEN)).astype(np.float32)
-    ids, w = routing(rng, 1, EXPERTS, K)
-    check(parts, x, ids, w, moe.forward(x, ids, w), "DSV3_CPU_KERNEL=0: ggml")
+    check(parts, x, ids, w, moe.forward(x, ids, w), f"{why}: ggml")
 
 
 @pytest.mark.parametrize("cause", ["no compiler", "no AVX-512 VNNI"])

@@ -56,9 +56,9 @@ LOG2E = 1.4426950408889634
 # Launch shapes (benchmarks/attention.py --sweep times the alternatives; benchmarks/attention_sass.py shows what
 # each builds to on sm_90). Decode: 64 heads a program (two warpgroups split the 64 x kv_lora accumulator, both
 # products on Hopper's warpgroup MMA), at least MIN_KEYS keys a split (a short context still spreads over a few
-# programs), about WAVES waves of programs. Key blocks of 64, both: they spill a few registers, yet a program's time goes mostly to the scores' chain of small
-# dependent MMAs (Triton gives each warpgroup the whole 64 x BLOCK_N tile), and 64 keys take that chain at twice
-# the width of 32.
+# programs), about WAVES waves of programs. Key blocks of 64, both: they spill a few registers, yet a program's
+# time goes mostly to the scores' chain of small dependent MMAs (Triton gives each warpgroup the whole 64 x BLOCK_N
+# tile), and 64 keys take that chain at twice the width of 32.
 DECODE = dict(BLOCK_H=64, BLOCK_N=64, MIN_KEYS=128, WAVES=1, KEYS_MAJOR=False, num_warps=8, num_stages=2,
               GLUON=True)        # GLUON: attention_hopper's kernel where it applies (sm_90, DeepSeek's shapes)
 PREFILL = dict(ROWS=64, BLOCK_N=64, KEYS_MAJOR=False, num_warps=8, num_stages=2)

@@ -101,7 +101,8 @@ def _split_body(q_ptr, qr_ptr, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_
     gl.thread_barrier()
 
     # scores: warpgroup w takes keys [32 w, 32 w + 32) of a block; the output: kv_lora columns [256 w, 256 w + 256)
-    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BLOCK_N // 2, 16])
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                  instr_shape=[16, BLOCK_N // 2, 16])
     o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, DL // 2, 16])
     keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
     m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))

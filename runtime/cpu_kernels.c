@@ -12,8 +12,8 @@
  * over k), so either path can serve any call: activations are rounded to Q8_K exactly as quantize_row_q8_K_ref
  * does, every dot product keeps the integer sums of ggml_vec_dot_q{4,6}_K_q8_K's AVX2 code in its 8 lanes (lane L
  * holds the values whose index mod 32 is in [4L, 4L + 4); a 64-value vector's 16 lanes fold onto them, M + 8 -> M)
- * and does its float steps in its order, silu is ggml's AVX-512 ggml_v_silu, and the k results are summed in
- * ggml's order. This needs -ffp-contract=off: a multiply and an add fused into one FMA round differently.
+ * and does its float steps in its order, silu(gate) * up is ggml's own function (called, not rewritten), and the
+ * k results are summed in ggml's order. This needs -ffp-contract=off: a multiply and an add fused into one FMA round differently.
  * Integer sums are exact: |q8| <= 127, weights <= 15 (Q4_K) or 63 (Q6_K); see dot2 for the one narrow step.
  *
  * Work split (one OpenMP parallel region; threads from libgomp, shared with torch and ggml):
@@ -26,7 +26,8 @@
  *      to it, then summed over k. No two threads write the same row.
  * Threads take contiguous chunks of a and c as they come for them (about 8 per thread), so that one slowed by
  * others on its core (the GPU side's threads, other processes) holds up the rest less than an equal split would.
- * v_expf and v_silu are ggml's (MIT licence); the rest follows its block layouts and arithmetic.
+ * Written for this kernel: it follows ggml's block layouts and the order of its float operations, which
+ * bit-identical results need.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -62,7 +63,7 @@ static inline float fp16(const uint16_t *p) {
     return _cvtsh_ss(h);
 }
 
-static inline float hsum8(__m256 x) {   /* ggml's hsum_float_8 */
+static inline float hsum8(__m256 x) {   /* the 8 lanes summed in the order ggml's AVX2 dot products sum them */
     __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     r = _mm_add_ss(r, _mm_movehdup_ps(r));
@@ -243,30 +244,10 @@ static size_t row_bytes(int type, int n) {
     return (size_t)(n / QK) * (type == TYPE_Q4_K ? sizeof(block_q4_K) : sizeof(block_q6_K));
 }
 
-/* ggml's AVX-512 ggml_v_expf and ggml_v_silu (vec.h), so that h rounds to Q8_K as in the graph */
-static inline __m512 v_expf(__m512 x) {
-    const __m512 r = _mm512_set1_ps(0x1.8p23f);
-    const __m512 z = _mm512_fmadd_ps(x, _mm512_set1_ps(0x1.715476p+0f), r);
-    const __m512 n = _mm512_sub_ps(z, r);
-    const __m512 b = _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.7f7d1cp-20f),
-                                      _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.62e4p-1f), x));
-    const __mmask16 d = _mm512_cmp_ps_mask(_mm512_abs_ps(n), _mm512_set1_ps(192), _CMP_GT_OQ);
-    const __m512 u = _mm512_mul_ps(b, b);
-    const __m512 j = _mm512_fmadd_ps(
-        _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(0x1.0e4020p-7f), b, _mm512_set1_ps(0x1.573e2ep-5f)), u,
-                        _mm512_fmadd_ps(_mm512_set1_ps(0x1.555e66p-3f), b, _mm512_set1_ps(0x1.fffdb6p-2f))),
-        u, _mm512_fmadd_ps(_mm512_set1_ps(0x1.ffffecp-1f), b, _mm512_set1_ps(1.0f)));
-    const __m512 res = _mm512_scalef_ps(j, n);
-    if (_mm512_kortestz(d, d))
-        return res;
-    const __m512 alt = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(n, _mm512_setzero_ps(), _CMP_LE_OQ),
-                                            _mm512_set1_ps(INFINITY), _mm512_setzero_ps());
-    return _mm512_mask_blend_ps(d, res, alt);
-}
-
-static inline __m512 v_silu(__m512 x) {
-    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1), v_expf(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-}
+/* ggml's own y = silu(x) * g (libggml-cpu, which runtime.ggml_ops loads with its symbols global, so this library's
+ * reference resolves to it when it is loaded): h rounds to Q8_K exactly as in the graph, whichever vector width
+ * that ggml was built for. */
+extern void ggml_vec_swiglu_f32(int n, float *y, const float *x, const float *g);
 
 /* Scratch layout for T tokens of top-k (P = T k (token, slot) pairs), each part 64-byte aligned. */
 typedef struct {
@@ -337,8 +318,8 @@ static void gate_up(const call_t *C, int u, int r0) {
     }
     for (int j = 0; j < np; j++) {   /* ggml: swiglu, then a separate multiply by the routing weight */
         float *hp = S->h + (size_t)pp[j] * C->inter + r0;
-        const __m512 v = _mm512_mul_ps(v_silu(_mm512_loadu_ps(hp)), _mm512_loadu_ps(S->up + (hp - S->h)));
-        _mm512_storeu_ps(hp, _mm512_mul_ps(v, _mm512_set1_ps(C->w[pp[j]])));
+        ggml_vec_swiglu_f32(GROUP, hp, hp, S->up + (hp - S->h));
+        _mm512_storeu_ps(hp, _mm512_mul_ps(_mm512_loadu_ps(hp), _mm512_set1_ps(C->w[pp[j]])));
     }
 }
 

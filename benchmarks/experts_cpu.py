@@ -129,9 +129,13 @@ try:
     print(f"layer file: {E} experts x {per_expert / 1e6:.1f} MB = {len(mm) / 1e9:.2f} GB (mlocked: {locked}), "
           f"written and read in {time.perf_counter() - t0:.0f} s; ggml reads it from {args.memory} "
           f"(transparent huge pages: {thp}; AnonHugePages {meminfo('AnonHugePages') >> 20} MiB)")
+    user_choice = os.environ.get("DSV3_CPU_KERNEL")
     os.environ["DSV3_CPU_KERNEL"] = "0"   # this one: ggml's graph at every size
     moe = MoEExperts(*parts, threads=THREADS)
-    del os.environ["DSV3_CPU_KERNEL"]
+    if user_choice is None:
+        del os.environ["DSV3_CPU_KERNEL"]
+    else:
+        os.environ["DSV3_CPU_KERNEL"] = user_choice
     own = X.own_kernel() if args.kernel != "ggml" else None
     if args.kernel != "ggml" and own is None:
         print("note: the own kernel does not run here: ggml only")
@@ -149,7 +153,7 @@ try:
     def repeats(T):  # decodes per round
         return 4 if T <= 16 else 1
 
-    # --------------------------------------------------------------------------------- ggml and the own kernel, in rounds
+    # ------------------------------------------------------------------------------- ggml and the own kernel, in rounds
     buf = torch.ones(BW_BYTES // 4)  # >> any L3 (this VM reports 480 MiB)
     dec = "decode" if args.decode_tokens == 1 else f"decode {args.decode_tokens}"
     cases = {}  # case -> (tokens, forward)

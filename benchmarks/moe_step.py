@@ -7,7 +7,8 @@ a dense layer, then a MoE layer of 256 Q4_K/Q6_K experts, through runtime.model.
 Decode, one token at position 512 through the runtime's CUDA graphs, per MoE layer:
   attn      the layer's attention + router graph alone;
   gpu side  the graph launched beside the CPU (shared expert, + the resident experts' share when there are any);
-  cpu       ggml on the routed experts alone (back to back), and GB/s of expert bytes;
+  cpu       the routed experts on the CPU alone (runtime.experts: its own kernel where it runs, else ggml; back to
+            back), and GB/s of expert bytes;
   step      attention graph + the MoE step + a sync: 'old' as the runtime ran it before runtime.experts.LayerExperts
             (pageable .to("cpu") copies that wait for the whole stream, a fresh tensor uploaded back), 'new' as it
             runs now (pinned buffers, an event on the copies only, the GPU side queued first, the sum uploaded
@@ -16,9 +17,9 @@ Decode, one token at position 512 through the runtime's CUDA graphs, per MoE lay
   device copy, which the step's glue includes: one set called again and again stays in a large L3);
   glue      step - attn - max(cpu, gpu side), and the pieces it is made of (copies down and up, old and new; the
             host-side split of the routing);
-  wake      ggml after 300 us of idleness (a token's attention) vs hot, under four OpenMP wait policies, each in a
-            child process (libgomp reads them once, at load): PASSIVE (the runtime's default), GOMP_SPINCOUNT
-            30000 and 300000 (bounded spins, ~0.3 and ~3 ms), ACTIVE.
+  wake      the CPU experts after 300 us of idleness (a token's attention) vs hot, under four OpenMP wait
+            policies, each in a child process (libgomp reads them once, at load): PASSIVE (the runtime's default),
+            GOMP_SPINCOUNT 30000 and 300000 (bounded spins, ~0.3 and ~3 ms), ACTIVE.
 Resident experts: the same step with all 256 experts on the GPU (8 of 8 there) and with every other expert there
 (a token's 8 split ~4/4, both devices at once).
 Projection, DeepSeek-V3 decode (3 dense + 58 MoE layers + lm_head): (a) all experts on the CPU; (b) whole layers of
@@ -27,7 +28,7 @@ resident experts filling this card after the real model's non-expert weights (fr
 CPU expert bytes / CPU read bandwidth + GPU expert bytes / HBM bandwidth (both measured here), alone and plus the
 serial GPU work measured here (attention + router per layer, dense layers, lm_head).
 Prefill streaming: pinned host -> GPU bandwidth, memmap -> pinned fill rate (host threads), and one chunk's routed
-experts of T tokens (random routing over all experts) through ggml on the CPU vs streamed (runtime.experts.Streamer)
+experts of T tokens (random routing over all experts) on the CPU vs streamed (runtime.experts.Streamer)
 with the runtime's prediction of each and its decision, the PCIe bound (bytes that cross / measured bandwidth).
 """
 import argparse
@@ -77,7 +78,7 @@ def routing(rng, T: int, experts: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def wake_child(path: Path, threads: int, n: int) -> dict:
-    """In a child process (its own libgomp settings): ggml's 8 experts hot and after 300 us idle."""
+    """In a child process (its own libgomp settings): 8 experts on the CPU hot and after 300 us idle."""
     cpu = X.MoEExperts.from_folder(open_saved(path), 1, threads=threads)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((1, HIDDEN), np.float32)
@@ -312,7 +313,7 @@ def main():
         res["prefill_streaming"] = stream
 
     # ---------------------------------------------------------------------- report
-    print(f"\n{res['device']}; ggml on {threads} threads ({os.cpu_count()} logical CPUs); CPU read "
+    print(f"\n{res['device']}; CPU experts on {threads} threads ({os.cpu_count()} logical CPUs); CPU read "
           f"{cpu_bw / 1e9:.0f} GB/s, HBM copy {hbm_bw / 1e9:.0f} GB/s, one expert {per / 1e6:.1f} MB")
     print("decode, one token, per MoE layer, all experts on the CPU:")
     print(f"  attn + router {us(t['attn'])}   gpu side (shared expert) {us(t['gpu_side'])}   "
@@ -322,7 +323,7 @@ def main():
           f"(glue {us(t['glue_new'])})")
     print(f"  pieces: copies down old {us(t['d2h_old'])} new {us(t['d2h_new'])}; up old {us(t['h2d_old'])} "
           f"new {us(t['h2d_new'])}; routing split on the host {us(t['split_routing'])}")
-    print("  ggml after 300 us idle / hot: " + "; ".join(f"{k} {us(v['after_idle_s'])} / {us(v['hot_s'])}"
+    print("  CPU experts after 300 us idle / hot: " + "; ".join(f"{k} {us(v['after_idle_s'])} / {us(v['hot_s'])}"
                                                           for k, v in wake.items()))
     for label, r in (("all 256 resident", full), ("every other resident", half)):
         print(f"  {label} ({r['gpu_experts_on_token']:.1f}/8 of the token's experts on the GPU): step {us(r['step'])}, "

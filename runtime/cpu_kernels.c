@@ -13,7 +13,8 @@
  * does, every dot product keeps the integer sums of ggml_vec_dot_q{4,6}_K_q8_K's AVX2 code in its 8 lanes (lane L
  * holds the values whose index mod 32 is in [4L, 4L + 4); a 64-value vector's 16 lanes fold onto them, M + 8 -> M)
  * and does its float steps in its order, silu(gate) * up is ggml's own function (called, not rewritten), and the
- * k results are summed in ggml's order. This needs -ffp-contract=off: a multiply and an add fused into one FMA round differently.
+ * k results are summed in ggml's order. This needs -ffp-contract=off: a multiply and an add fused into one FMA
+ * round differently.
  * Integer sums are exact: |q8| <= 127, weights <= 15 (Q4_K) or 63 (Q6_K); see dot2 for the one narrow step.
  *
  * Work split (one OpenMP parallel region; threads from libgomp, shared with torch and ggml):

@@ -112,9 +112,8 @@ class _Graph:
 
 
 # Chunks of up to this many tokens run through runtime.cpu_kernels where it can (the module docstring's fast path).
-# It beat the graph at every size measured (benchmarks/experts_cpu.py --decode-tokens 1 to 256, on a 2-core EPYC:
-# 1.25-1.9x at 1 token, where the memory bounds it, 1.9-2.3x from 4 tokens on, where compute does), so it takes
-# every chunk of the default max_tokens.
+# It beat the graph at every chunk size measured, 1 to 256 tokens (benchmarks/experts_cpu.py --decode-tokens;
+# BENCHMARKS.md), so it takes every chunk of the default max_tokens.
 KERNEL_MAX_TOKENS = 256
 
 _own = None                 # runtime.cpu_kernels' kernel once checked: False where it cannot run or failed the check

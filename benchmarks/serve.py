@@ -17,8 +17,8 @@ Reported per client count N (the median of --repeat rounds by total tok/s; round
   and scheduling cost nothing; server/bound = that model time over the wall time (the shared host's load is in both).
 Fairness (--long-prompt T, default 2000): while 4 clients decode, one client sends a T-token prompt; the largest
 gap between two tokens of the decoding clients during its prefill, against a prefill chunk (--chunk tokens) plus a
-decode step, their means as the server measured them in that stretch. A prompt as long (other words)
-goes first, alone, so that the measured one pays no kernel compilation.
+decode step, their means as the server measured them in that stretch. A prompt as long (other words) goes first,
+alone, so that the measured one pays no kernel compilation.
 """
 from __future__ import annotations
 

@@ -1,17 +1,16 @@
 """The split-KV MLA decode kernel on sm_90 in Gluon (runtime.attention's `_mla_split_kernel`, rebuilt where Triton's
-choices cost most).
-
-Triton gives each of the two warpgroups the whole 64 heads x keys score tile, a chain of small 64x16 (or 64x32)
-MMAs per key block that both run, and the key block reaches shared memory through per-thread copies whose addresses
-fill the registers. Here:
-- the 8 warps split the scores by keys (each warpgroup 64 heads x 32 keys of a 64-key block: nothing computed
-  twice) and P @ c_kv by kv_lora columns (each warpgroup 256 of the 512);
-- a key block (c_kv in eight 64-wide pieces, and k_rope) arrives by TMA into a ring of two stages, the next block's
-  copies in flight while this one is computed;
-- the queries sit in shared memory once, as nine 64 x 64 pieces ([q_lat | q_pe]), the scores' A operand.
+choices cost most), with the two warpgroups in FlashMLA's roles:
+- warpgroup 0 computes each 64-key block's whole 64 heads x 64 keys score tile (the queries' nine 64 x 64 pieces,
+  [q_lat | q_pe], sit in shared memory), its softmax in registers (no reduction across warpgroups), and
+  P @ c_kv[:, :256] with P from registers; it hands P and the rescale factors to warpgroup 1 through shared memory
+  and computes the next block's scores while warpgroup 1 runs P @ c_kv[:, 256:];
+- warpgroup 1 (a warp-specialized partition) does that second half and issues the key blocks' copies: c_kv in eight
+  64-wide pieces and k_rope, by TMA into a ring of two stages, each refilled once both warpgroups are done with it.
+Mbarriers order the hand-overs (block ready, stage free, P ready, P read). Triton's kernel gave each warpgroup the
+whole score tile (computed twice, at 16 columns an MMA) and copied key blocks through registers.
 Same contract as the Triton kernel for one row a program (TOK = 1): program (head group of 64, split, row), the row's
-length cut by `split_range`, the split's normalized output and its log2-sum-exp out, and nothing written by a split
-past the row's length. Keys past a row's end but inside the cache are read and masked: the cache must hold finite
+length cut by `split_range`, the split's normalized output and its log2-sum-exp out; a split past the row's end
+writes zeros and -inf. Keys past a row's end but inside the cache are read and masked: the cache must hold finite
 values there (runtime.model zero-fills it); past the cache's end TMA reads zeros.
 
 Only for 64-head groups, kv_lora 512, rope 64 and a contiguous bf16 cache (DeepSeek-V3's shapes); runtime.attention
@@ -27,7 +26,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 BLOCK_N = gl.constexpr(64)     # keys a step
-STAGES = gl.constexpr(2)       # key blocks in shared memory: 2 x 72 KiB beside the queries' 72 KiB
+STAGES = gl.constexpr(2)       # key blocks in shared memory: 2 x 72 KiB beside the queries' 72 KiB and P's 8
 DL = gl.constexpr(512)
 DR = gl.constexpr(64)
 
@@ -47,31 +46,41 @@ def split(q_lat, q_rope, kv, pe, slots, pos, qk_scale: float, part, lse, min_key
     layout = gl.NVMMASharedLayout.get_default_for([n, 64], gl.bfloat16)
     kv_desc = TensorDescriptor(kv.view(N * L, dl), [N * L, dl], [dl, 1], [n, 64], layout)
     pe_desc = TensorDescriptor(pe.view(N * L, dr), [N * L, dr], [dr, 1], [n, 64], layout)
-    _split_kernel[(H // 64, splits, T)](
-        q_lat, q_rope, kv_desc, pe_desc, slots, pos, part, lse, H, L, qk_scale,
-        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
-        part.stride(0), part.stride(1), part.stride(2), min_keys, SPLITS=splits, num_warps=8)
+    args = (q_lat, q_rope, kv_desc, pe_desc, slots, pos, part, lse, H, L, qk_scale,
+            q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
+            part.stride(0), part.stride(1), part.stride(2), min_keys)
+    # warpgroup 0 is the kernel's 4 warps, warpgroup 1 a 4-warp partition (`R1` registers a thread, it holds half
+    # the output's accumulator)
+    _split_kernel[(H // 64, splits, T)](*args, SPLITS=splits, R1=232, num_warps=4)
 
 
 @gluon.jit
 def _split_kernel(q_ptr, qr_ptr, kv_desc, pe_desc, slot_ptr, pos_ptr, o_ptr, lse_ptr, H, L, qk_scale,
-                  s_qt, s_qh, s_rt, s_rh, s_ot, s_oh, s_os, MIN_KEYS, SPLITS: gl.constexpr):
+               s_qt, s_qh, s_rt, s_rh, s_ot, s_oh, s_os, MIN_KEYS, SPLITS: gl.constexpr, R1: gl.constexpr):
     t = gl.program_id(2)
     sp = gl.program_id(1)
     length = gl.load(pos_ptr + t).to(gl.int32) + 1
+    slot = gl.load(slot_ptr + t).to(gl.int32)          # beside the length's load, not after it
     active = gl.minimum(SPLITS, (length + MIN_KEYS - 1) // MIN_KEYS)
     if sp < active:
         per = ((length + active - 1) // active + BLOCK_N - 1) // BLOCK_N * BLOCK_N
         start = sp * per
         end = gl.minimum(length, start + per)
-        slot = gl.load(slot_ptr + t).to(gl.int32)
-        _split_body(q_ptr, qr_ptr, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_qt, s_qh, s_rt, s_rh, s_ot,
-                    s_oh, s_os, t, sp, start, end, slot * L, SPLITS)
+        if start < end:
+            _split_body(q_ptr, qr_ptr, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_qt, s_qh, s_rt, s_rh, s_ot,
+                     s_oh, s_os, t, sp, start, end, slot * L, SPLITS, R1)
+        else:       # a split past the row's end (the last blocks rounded up): weight 0 in the merge
+            zl: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
+            h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, zl))
+            d = gl.arange(0, DL, layout=gl.SliceLayout(0, zl))
+            gl.store(o_ptr + t * s_ot + h[:, None] * s_oh + sp * s_os + d[None, :], gl.zeros([64, DL], gl.float32, zl))
+            gl.store(lse_ptr + t * (H * SPLITS) + h * SPLITS + sp, gl.full([64], float("-inf"), gl.float32,
+                                                                           gl.SliceLayout(1, zl)))
 
 
 @gluon.jit
 def _split_body(q_ptr, qr_ptr, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_qt, s_qh, s_rt, s_rh, s_ot, s_oh,
-                s_os, t, sp, start, end, row0, SPLITS: gl.constexpr):
+             s_os, t, sp, start, end, row0, SPLITS: gl.constexpr, R1: gl.constexpr):
     PIECES: gl.constexpr = DL // 64
     h0 = gl.program_id(0) * 64
     piece: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16)
@@ -81,17 +90,17 @@ def _split_body(q_ptr, qr_ptr, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_
     k_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, DL], wide)
     r_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, DR], kv_l)
     p_s = gl.allocate_shared_memory(gl.bfloat16, [64, BLOCK_N], piece)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
+    a_s = gl.allocate_shared_memory(gl.float32, [64], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    # bars: ready[0..1] (TMA), free[0..1] (WG0 done with a stage), p_ready (P and alpha published), p_free (read)
+    bars = gl.allocate_shared_memory(gl.int64, [2 * STAGES + 2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2 * STAGES + 2):
+        mbarrier.init(bars.index(i), count=1)
     nbytes: gl.constexpr = BLOCK_N * (DL + DR) * 2
     steps = gl.cdiv(end - start, BLOCK_N)
-    for i in gl.static_range(STAGES):                   # the first blocks' copies, under the queries' loads
+    for i in gl.static_range(STAGES):
         if i < steps:
-            _load_block(kv_desc, pe_desc, k_s, r_s, ready, i, row0 + start + i * BLOCK_N, nbytes)
-
-    # queries -> shared memory, nine 64 x 64 pieces
-    ql: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+            _load_block(kv_desc, pe_desc, k_s, r_s, bars, i, row0 + start + i * BLOCK_N, nbytes)
+    ql: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     rows = h0 + gl.arange(0, 64, layout=gl.SliceLayout(1, ql))
     cols = gl.arange(0, 64, layout=gl.SliceLayout(0, ql))
     for j in gl.static_range(PIECES):
@@ -99,54 +108,120 @@ def _split_body(q_ptr, qr_ptr, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_
     q_s.index(PIECES).store(gl.load(qr_ptr + t * s_rt + rows[:, None] * s_rh + cols[None, :]))
     fence_async_shared()
     gl.thread_barrier()
+    gl.warp_specialize([
+        (_scores_wg, (q_s, k_s, r_s, p_s, a_s, bars, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp, start,
+                      end, steps, SPLITS)),
+        (_values_wg, (k_s, r_s, p_s, a_s, bars, kv_desc, pe_desc, o_ptr, s_ot, s_oh, s_os, t, sp, start, steps,
+                      row0)),
+    ], [4], [R1])
 
-    # scores: warpgroup w takes keys [32 w, 32 w + 32) of a block; the output: kv_lora columns [256 w, 256 w + 256)
-    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                  instr_shape=[16, BLOCK_N // 2, 16])
-    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, DL // 2, 16])
+
+@gluon.jit
+def _scores(q_s, kb, rb, s_zero):
+    PIECES: gl.constexpr = DL // 64
+    s = warpgroup_mma(q_s.index(0), kb.slice(0, 64, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    for j in gl.static_range(1, PIECES):
+        s = warpgroup_mma(q_s.index(j), kb.slice(j * 64, 64, dim=1).permute((1, 0)), s, is_async=True)
+    return warpgroup_mma(q_s.index(PIECES), rb.permute((1, 0)), s, is_async=True)
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, keys, base, end, qk_scale):
+    n = base + keys
+    s = gl.where((n < end)[None, :], s * qk_scale, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    alpha = gl.exp2(m_i - m_new)
+    e = gl.exp2(s - m_new[:, None])
+    return e.to(gl.bfloat16), alpha, m_new, l_i * alpha + gl.sum(e, axis=1)
+
+
+@gluon.jit
+def _scores_wg(q_s, k_s, r_s, p_s, a_s, bars, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp, start, end,
+               steps, SPLITS: gl.constexpr):
+    """Warpgroup 0: the scores and softmax of every block, P @ c_kv[:, :256] from registers."""
+    HALF: gl.constexpr = DL // 2
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
+    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+    p_ready = bars.index(2 * STAGES)
+    p_free = bars.index(2 * STAGES + 1)
     keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
     m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
     l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l))
-    acc = gl.zeros([64, DL], gl.float32, o_l)
+    acc = gl.zeros([64, HALF], gl.float32, o_l)
     s_zero = gl.zeros([64, BLOCK_N], gl.float32, s_l)
-    for i in range(steps):
+    mbarrier.wait(bars.index(0), 0)
+    s = _scores(q_s, k_s.index(0), r_s.index(0), s_zero)
+    s = warpgroup_mma_wait(0, deps=(s, ))
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, keys, start, end, qk_scale)
+    for i in range(steps - 1):
         st = i % STAGES
-        mbarrier.wait(ready.index(st), (i // STAGES) & 1)
-        kb = k_s.index(st)
-        s = warpgroup_mma(q_s.index(0), kb.slice(0, 64, dim=1).permute((1, 0)), s_zero, use_acc=False,
-                          is_async=True)
-        for j in gl.static_range(1, PIECES):
-            s = warpgroup_mma(q_s.index(j), kb.slice(j * 64, 64, dim=1).permute((1, 0)), s, is_async=True)
-        s = warpgroup_mma(q_s.index(PIECES), r_s.index(st).permute((1, 0)), s, is_async=True)
+        nx = (i + 1) % STAGES
+        acc = _publish(p, alpha, acc, p_s, a_s, p_ready, p_free, i, o_l)
+        acc = warpgroup_mma(gl.convert_layout(p, p_l), k_s.index(st).slice(0, HALF, dim=1), acc, is_async=True)
+        mbarrier.wait(bars.index(nx), ((i + 1) // STAGES) & 1)
+        s = _scores(q_s, k_s.index(nx), r_s.index(nx), s_zero)
+        acc = warpgroup_mma_wait(1, deps=(acc, ))
+        gl.thread_barrier()
+        mbarrier.arrive(bars.index(STAGES + st), count=1)      # this warpgroup is done with stage st
         s = warpgroup_mma_wait(0, deps=(s, ))
-        n = start + i * BLOCK_N + keys
-        s = gl.where((n < end)[None, :], s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        alpha = gl.exp2(m_i - m_new)
-        e = gl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(e, axis=1)
-        m_i = m_new
-        p_s.store(e.to(gl.bfloat16))
-        fence_async_shared()
-        gl.thread_barrier()                             # P whole (both warpgroups' keys) before either reads it
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
-        acc = warpgroup_mma(p_s, kb, acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-        gl.thread_barrier()                             # stage `st` and P are read: they may be overwritten
-        if i + STAGES < steps:
-            _load_block(kv_desc, pe_desc, k_s, r_s, ready, st, row0 + start + (i + STAGES) * BLOCK_N, nbytes)
-
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, keys, start + (i + 1) * BLOCK_N, end, qk_scale)
+    last = steps - 1
+    acc = _publish(p, alpha, acc, p_s, a_s, p_ready, p_free, last, o_l)
+    acc = warpgroup_mma(gl.convert_layout(p, p_l), k_s.index(last % STAGES).slice(0, HALF, dim=1), acc)
+    # the row sums for warpgroup 1's half, through the same hand-over
+    mbarrier.wait(p_free, (steps & 1) ^ 1)
+    a_s.store(gl.where(l_i > 0, 1.0 / l_i, 0.0))
+    gl.thread_barrier()
+    mbarrier.arrive(p_ready, count=1)
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_l))
     o = acc / gl.where(l_o > 0, l_o, 1.0)[:, None]
-    h = h0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_l))
-    d = gl.arange(0, DL, layout=gl.SliceLayout(0, o_l))
+    h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_l))
+    d = gl.arange(0, HALF, layout=gl.SliceLayout(0, o_l))
     gl.store(o_ptr + t * s_ot + h[:, None] * s_oh + sp * s_os + d[None, :], o)
     if SPLITS > 1:
         lse = gl.where(l_i > 0, m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        hs = h0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
+        hs = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
         gl.store(lse_ptr + t * (H * SPLITS) + hs * SPLITS + sp, lse)
+
+
+@gluon.jit
+def _publish(p, alpha, acc, p_s, a_s, p_ready, p_free, i, o_l: gl.constexpr):
+    """P_i and alpha_i to shared memory for warpgroup 1 (once it has read P_{i-1}); this half rescaled."""
+    mbarrier.wait(p_free, (i & 1) ^ 1)
+    p_s.store(p)
+    a_s.store(alpha)
+    fence_async_shared()
+    gl.thread_barrier()
+    mbarrier.arrive(p_ready, count=1)
+    return acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+
+
+@gluon.jit
+def _values_wg(k_s, r_s, p_s, a_s, bars, kv_desc, pe_desc, o_ptr, s_ot, s_oh, s_os, t, sp, start, steps, row0):
+    """Warpgroup 1: P @ c_kv[:, 256:] from shared memory, and the key blocks' copies."""
+    HALF: gl.constexpr = DL // 2
+    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
+    nbytes: gl.constexpr = BLOCK_N * (DL + DR) * 2
+    p_ready = bars.index(2 * STAGES)
+    p_free = bars.index(2 * STAGES + 1)
+    acc = gl.zeros([64, HALF], gl.float32, o_l)
+    for i in range(steps):
+        st = i % STAGES
+        mbarrier.wait(p_ready, i & 1)
+        alpha = a_s.load(gl.SliceLayout(1, o_l))
+        acc = acc * alpha[:, None]
+        acc = warpgroup_mma(p_s, k_s.index(st).slice(HALF, HALF, dim=1), acc)
+        gl.thread_barrier()
+        mbarrier.arrive(p_free, count=1)
+        if i + STAGES < steps:
+            mbarrier.wait(bars.index(STAGES + st), (i // STAGES) & 1)
+            _load_block(kv_desc, pe_desc, k_s, r_s, bars, st, row0 + start + (i + STAGES) * BLOCK_N, nbytes)
+    mbarrier.wait(p_ready, steps & 1)
+    inv = a_s.load(gl.SliceLayout(1, o_l))
+    h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_l))
+    d = HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, o_l))
+    gl.store(o_ptr + t * s_ot + h[:, None] * s_oh + sp * s_os + d[None, :], acc * inv[:, None])
 
 
 @gluon.jit

@@ -56,7 +56,7 @@ def split(q_lat, q_rope, kv, pe, slots, pos, qk_scale: float, part, lse, min_key
 
 @gluon.jit
 def _split_kernel(q_ptr, qr_ptr, kv_desc, pe_desc, slot_ptr, pos_ptr, o_ptr, lse_ptr, H, L, qk_scale,
-               s_qt, s_qh, s_rt, s_rh, s_ot, s_oh, s_os, MIN_KEYS, SPLITS: gl.constexpr, R1: gl.constexpr):
+                  s_qt, s_qh, s_rt, s_rh, s_ot, s_oh, s_os, MIN_KEYS, SPLITS: gl.constexpr, R1: gl.constexpr):
     t = gl.program_id(2)
     sp = gl.program_id(1)
     length = gl.load(pos_ptr + t).to(gl.int32) + 1
@@ -68,7 +68,7 @@ def _split_kernel(q_ptr, qr_ptr, kv_desc, pe_desc, slot_ptr, pos_ptr, o_ptr, lse
         end = gl.minimum(length, start + per)
         if start < end:
             _split_body(q_ptr, qr_ptr, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_qt, s_qh, s_rt, s_rh, s_ot,
-                     s_oh, s_os, t, sp, start, end, slot * L, SPLITS, R1)
+                        s_oh, s_os, t, sp, start, end, slot * L, SPLITS, R1)
         else:       # a split past the row's end (the last blocks rounded up): weight 0 in the merge
             zl: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
             h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, zl))
@@ -80,7 +80,7 @@ def _split_kernel(q_ptr, qr_ptr, kv_desc, pe_desc, slot_ptr, pos_ptr, o_ptr, lse
 
 @gluon.jit
 def _split_body(q_ptr, qr_ptr, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_qt, s_qh, s_rt, s_rh, s_ot, s_oh,
-             s_os, t, sp, start, end, row0, SPLITS: gl.constexpr, R1: gl.constexpr):
+                s_os, t, sp, start, end, row0, SPLITS: gl.constexpr, R1: gl.constexpr):
     PIECES: gl.constexpr = DL // 64
     h0 = gl.program_id(0) * 64
     piece: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16)
@@ -118,6 +118,7 @@ def _split_body(q_ptr, qr_ptr, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_
 
 @gluon.jit
 def _scores(q_s, kb, rb, s_zero):
+    """Queries x a key block, 64 x 64, as an asynchronous chain of MMAs (the caller waits)."""
     PIECES: gl.constexpr = DL // 64
     s = warpgroup_mma(q_s.index(0), kb.slice(0, 64, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     for j in gl.static_range(1, PIECES):

@@ -153,8 +153,8 @@ def time_prefill(w_kb, w_vb, T: int, offset: int, cfg: dict = A.PREFILL, forms=(
 
 
 # Launch shapes --sweep times (GLUON: runtime.attention_hopper's kernel; the Triton ones: benchmarks/attention_sass.py
-# builds each for sm_90a, the BLOCK_N 64 ones spill
-# 272-472 bytes, the BLOCK_H 32 one runs the older HMMA products without spills).
+# builds each for sm_90a, the BLOCK_N 64 ones spill 272-472 bytes, the BLOCK_H 32 one runs the older HMMA products
+# without spills).
 DECODE_SWEEP = [dict(A.DECODE, **v) for v in (
     {}, {"GLUON": False}, {"GLUON": False, "BLOCK_N": 32, "num_stages": 3}, {"GLUON": False, "KEYS_MAJOR": True},
     {"MIN_KEYS": 256}, {"MIN_KEYS": 64}, {"WAVES": 2}, {"GLUON": False, "BLOCK_H": 32, "num_warps": 4, "WAVES": 2})]

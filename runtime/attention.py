@@ -311,7 +311,7 @@ def _mla_combine_kernel(part_ptr, lse_ptr, pos_ptr, out_ptr, s_ot, s_oh, s_os, M
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     part = tl.load(part_ptr + t.to(tl.int64) * s_ot + h * s_oh + s[:, None] * s_os + d[None, :],
                    mask=(s < active)[:, None] & (d < DL)[None, :], other=0.0)
-    acc = tl.sum(part.to(tl.float32) * w[:, None], axis=0)
+    acc = tl.sum(part * w[:, None], axis=0)
     tl.store(out_ptr + (t.to(tl.int64) * H + h) * DL + d, acc / tl.where(total > 0, total, 1.0), mask=d < DL)
 
 

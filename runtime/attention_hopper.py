@@ -95,11 +95,10 @@ def _split_body(q_ptr, qr_ptr, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_
     bars = gl.allocate_shared_memory(gl.int64, [2 * STAGES + 2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2 * STAGES + 2):
         mbarrier.init(bars.index(i), count=1)
-    nbytes: gl.constexpr = BLOCK_N * (DL + DR) * 2
     steps = gl.cdiv(end - start, BLOCK_N)
     for i in gl.static_range(STAGES):
         if i < steps:
-            _load_block(kv_desc, pe_desc, k_s, r_s, bars, i, row0 + start + i * BLOCK_N, nbytes)
+            _load_block(kv_desc, pe_desc, k_s, r_s, bars, i, row0 + start + i * BLOCK_N)
     ql: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     rows = h0 + gl.arange(0, 64, layout=gl.SliceLayout(1, ql))
     cols = gl.arange(0, 64, layout=gl.SliceLayout(0, ql))
@@ -203,7 +202,6 @@ def _values_wg(k_s, r_s, p_s, a_s, bars, kv_desc, pe_desc, o_ptr, s_ot, s_oh, s_
     """Warpgroup 1: P @ c_kv[:, 256:] from shared memory, and the key blocks' copies."""
     HALF: gl.constexpr = DL // 2
     o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
-    nbytes: gl.constexpr = BLOCK_N * (DL + DR) * 2
     p_ready = bars.index(2 * STAGES)
     p_free = bars.index(2 * STAGES + 1)
     acc = gl.zeros([64, HALF], gl.float32, o_l)
@@ -217,7 +215,7 @@ def _values_wg(k_s, r_s, p_s, a_s, bars, kv_desc, pe_desc, o_ptr, s_ot, s_oh, s_
         mbarrier.arrive(p_free, count=1)
         if i + STAGES < steps:
             mbarrier.wait(bars.index(STAGES + st), (i // STAGES) & 1)
-            _load_block(kv_desc, pe_desc, k_s, r_s, bars, st, row0 + start + (i + STAGES) * BLOCK_N, nbytes)
+            _load_block(kv_desc, pe_desc, k_s, r_s, bars, st, row0 + start + (i + STAGES) * BLOCK_N)
     mbarrier.wait(p_ready, steps & 1)
     inv = a_s.load(gl.SliceLayout(1, o_l))
     h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_l))
@@ -226,10 +224,10 @@ def _values_wg(k_s, r_s, p_s, a_s, bars, kv_desc, pe_desc, o_ptr, s_ot, s_oh, s_
 
 
 @gluon.jit
-def _load_block(kv_desc, pe_desc, k_s, r_s, ready, st, row, nbytes: gl.constexpr):
+def _load_block(kv_desc, pe_desc, k_s, r_s, ready, st, row):
     """A key block's c_kv (eight 64-wide pieces) and k_rope by TMA into stage `st`."""
     bar = ready.index(st)
-    mbarrier.expect(bar, nbytes)
+    mbarrier.expect(bar, BLOCK_N * (DL + DR) * 2)
     kb = k_s.index(st)
     for j in gl.static_range(DL // 64):
         tma.async_copy_global_to_shared(kv_desc, [row, j * 64], bar, kb.slice(j * 64, 64, dim=1))

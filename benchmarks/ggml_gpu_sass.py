@@ -78,7 +78,7 @@ def main():
           dict(GT=GG.Q4_K, UT=GG.Q4_K, BM=BM, BN=BN, G=G, F32=False), num_warps=warps)
     build("gemm_down_Q6_K", GG._gemm_down_kernel,
           dict(h="*bf16", order="*i32", wts="*fp32", tile_e="*i32", tile_start="*i32", tile_stop="*i32", dw=u8,
-               out="*fp32", K=i32, N=i32, k_top=i32, n_local=i32, d_rb=i32),
+               out="*fp32", K=i32, N=i32, n_local=i32, d_rb=i32),
           dict(DT=GG.Q6_K, BM=BM, BN=BN, G=G, F32=False), num_warps=warps)
 
 

@@ -15,9 +15,12 @@ here is built on it:
   experts by torch (no atomics: deterministic). Fixed shapes, no host syncs: capturable in a CUDA graph.
 - prefill (`moe` with many tokens): token-expert pairs sorted by expert on the GPU (torch.sort, searchsorted: no
   host sync either), tiles of BM pairs of one expert; each program dequantizes its weight tile to bf16 in registers
-  and feeds tl.dot (fp32 accumulation); down's results are added into the output with atomics (k per token).
+  and feeds tl.dot (fp32 accumulation); down writes each pair's weighted row to its own place, and torch sums a
+  token's k rows (atomic adds would sum them in whatever order the tiles finish: a prompt run twice would differ).
 - long prefill (`moe` with many rows per expert): the experts dequantized to bf16 by the same `dequantize`, then
   torch's grouped GEMM; dequantizing once per expert beats dequantizing once per tile when tiles per expert are many.
+  Its results are added per token one expert at a time (an expert's tokens are distinct, so no two atomic adds of
+  one index_add_ meet): the same order every run, and no buffer of k rows per token (a whole prompt's rows come here).
 
 Block layouts (little-endian; value index v in 0..QK-1):
   Q4_K 144 B / 256: d f16, dmin f16, scales[12] (6-bit scale and min per 32 values), qs[128] (nibbles, low nibbles
@@ -331,10 +334,9 @@ def _gemm_gate_up_kernel(x, order, tile_e, tile_start, tile_stop, gw, uw, h, K, 
 
 
 @triton.jit
-def _gemm_down_kernel(h, order, wts, tile_e, tile_start, tile_stop, dw, out, K, N, k_top, n_local, d_rb,
-                      DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr,
-                         F32: tl.constexpr):
-    """out[t, cols] += w_p * h_i down_e^T for the sorted pairs i (pair p = order[i], token t = p // k) of this tile."""
+def _gemm_down_kernel(h, order, wts, tile_e, tile_start, tile_stop, dw, out, K, N, n_local, d_rb,
+                      DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, F32: tl.constexpr):
+    """out[p, cols] = w_p * h_i down_e^T for the sorted pairs i (pair p = order[i]) of this tile."""
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     e = tl.load(tile_e + pid_m)
     if e < n_local:
@@ -351,9 +353,7 @@ def _gemm_down_kernel(h, order, wts, tile_e, tile_start, tile_stop, dw, out, K, 
             a = tl.load(h + i.to(tl.int64)[:, None] * K + k0 * 32 + kk[None, :], mask=im[:, None] & km, other=0.0)
             acc = _dot(a, _weight_tile(DT, dw + er * d_rb, nm, k0, K // 32, BN, G, F32), acc, F32)
         w = tl.load(wts + p, mask=im, other=0.0).to(tl.float32)
-        tok = (p // k_top).to(tl.int64)
-        tl.atomic_add(out + tok[:, None] * N + n[None, :], acc * w[:, None], sem="relaxed",
-                      mask=im[:, None] & (n < N)[None, :])
+        tl.store(out + p.to(tl.int64)[:, None] * N + n[None, :], acc * w[:, None], mask=im[:, None] & (n < N)[None, :])
 
 
 def _pairs_by_expert(ids, local, n_local):
@@ -391,15 +391,15 @@ def _moe_gemm(x, ids, weights, local, gate, up, down):
     interpreted = x.device.type != "cuda"          # Triton's CPU interpreter: see _dot and _bf16
     order, tile_e, tile_start, tile_stop, n_tiles = _schedule(ids, local, n_local, BM)
     h = torch.empty((T * k, inter), dtype=torch.bfloat16, device=x.device)   # rows in sorted-pair order
-    out = torch.zeros((T, hidden), dtype=torch.float32, device=x.device)
+    out = torch.zeros((T * k, hidden), dtype=torch.float32, device=x.device)  # rows by pair: zero where not here
     _gemm_gate_up_kernel[(triton.cdiv(inter, BN), n_tiles)](
         x, order, tile_e, tile_start, tile_stop, gate.data, up.data, h, hidden, inter, k, n_local,
         gate.row_bytes, up.row_bytes, GT=gate.ggml_type, UT=up.ggml_type, BM=BM, BN=BN, G=G, F32=interpreted,
         num_warps=warps)
     _gemm_down_kernel[(triton.cdiv(hidden, BN), n_tiles)](
-        h, order, weights, tile_e, tile_start, tile_stop, down.data, out, inter, hidden, k, n_local,
+        h, order, weights, tile_e, tile_start, tile_stop, down.data, out, inter, hidden, n_local,
         down.row_bytes, DT=down.ggml_type, BM=BM, BN=BN, G=G, F32=interpreted, num_warps=warps)
-    return out
+    return out.view(T, k, hidden).sum(1)
 
 
 def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -470,7 +470,11 @@ def _moe_dense(x, ids, weights, local, gate, up, down, counts=None):
                 if r1 > r0:
                     ag, au = _mm32(xs[r0:r1], wg[j - g0]), _mm32(xs[r0:r1], wu[j - g0])
                     y[r0:r1] = _mm32((F.silu(ag) * au).to(torch.bfloat16), wd[j - g0])
-        out.index_add_(0, tok, y * wf[p, None])
+        y *= wf[p, None]
+        for j in range(g0, g1):
+            r0, r1 = starts[j] - a, starts[j + 1] - a
+            if r1 > r0:
+                out.index_add_(0, tok[r0:r1], y[r0:r1])
     return out
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime import fused
+from runtime import fused, ggml_gpu
 from runtime.attention import mla_attend
 from runtime.experts import LayerExperts, setup_gpu
 from runtime.fp8_quant import act_quant_reference, fake_act_quant  # noqa: F401  (FP8 numerics on the CPU)
@@ -308,9 +308,12 @@ def cache_bytes(a: Args, tokens: int, element_bytes: int) -> int:
 def prefill_reserve(a: Args, chunk: int, tokens: int = 0) -> int:
     """Bytes a prefill may take at once beside the cache: the prompt's residual stream and its normed copy (float32,
     tokens x dim, twice), and one chunk's activations: queries, accumulators and outputs (float32, rows x heads x
-    kv_lora, a few of each), a block of scores, the MLP's."""
+    kv_lora, a few of each), a block of scores, the MLP's; and the GPU experts' grouped GEMM's output, a row per token
+    and expert (float32), for as many rows as take that path (the dense path, from DENSE_MIN_ROWS rows per expert
+    on, needs none)."""
+    gemm_rows = min(max(chunk, tokens), ggml_gpu.DENSE_MIN_ROWS * a.n_experts // a.top_k)
     return 2 * tokens * a.dim * 4 + chunk * (4 * a.n_heads * a.kv_lora + 8 * max(a.inter, a.moe_inter * a.top_k)
-                                             + 16 * a.dim) * 4 + 4 * 4 * (1 << 24)
+                                             + 16 * a.dim) * 4 + gemm_rows * a.top_k * a.dim * 4 + 4 * 4 * (1 << 24)
 
 
 def free_memory(device: torch.device) -> int:

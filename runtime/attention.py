@@ -15,8 +15,9 @@ On a GPU the same call takes Triton kernels on the absorbed form, or torch's fla
 - decode (`decode_triton`): FlashMLA's design in Triton. A program takes BLOCK_H heads of one row and a range of
   its keys; each key block (c_kv and k_rope, bf16) is loaded once for all of them and serves both products
   (scores against [q_lat, q_pe], then P @ c_kv), float32 accumulators. The keys are split across programs for
-  parallelism and a second kernel merges the splits by their log-sum-exp. Each row reads its slot and position from
-  device memory and splits its own true length, so a step is a fixed pair of launches (a CUDA graph captures it)
+  parallelism and a second kernel merges the splits by their log-sum-exp (on sm_90 a programmatic dependent launch:
+  it starts while the split kernel's last programs run). Each row reads its slot and position from device memory
+  and splits its own true length, so a step is a fixed pair of launches (a CUDA graph captures it)
   whose cost follows the context, not the graph's span: a program past its row's length loads and writes nothing.
   On sm_90 at DeepSeek's shapes the split kernel is runtime.attention_hopper's (Gluon: TMA, no score computed
   twice), with this module's Triton kernel as the fallback and the reference.
@@ -37,6 +38,11 @@ import torch.nn.functional as F
 
 import triton
 import triton.language as tl
+
+try:                    # grid dependency control (sm_90): the merge launches while the split kernel finishes
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:
+    gdc_wait = None
 
 try:                    # Gluon's Hopper API is experimental: without it, decode runs the Triton kernel everywhere
     from runtime import attention_hopper
@@ -169,10 +175,19 @@ def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_
     if splits > 1 and combine:
         p2 = triton.next_power_of_2(splits)
         block_d = max(16, min(d_lat, 4096 // p2))                   # a tile of ~4K partials a program
+        pdl = _pdl(q_lat.device)
         _mla_combine_kernel[(T, H, triton.cdiv(DL, block_d))](
             part, lse, pos, out, part.stride(0), part.stride(1), part.stride(2), cfg["MIN_KEYS"], DL=DL,
-            SPLITS=splits, SPLITS_P2=p2, BLOCK_D=block_d, num_warps=4)
+            SPLITS=splits, SPLITS_P2=p2, BLOCK_D=block_d, PDL=pdl, num_warps=4,
+            **({"launch_pdl": True} if pdl else {}))
     return out
+
+
+@functools.cache
+def _pdl(device: torch.device) -> bool:
+    """Whether the merge is launched as a programmatic dependent of the split kernel (sm_90 and later, compiled)."""
+    return (device.type == "cuda" and gdc_wait is not None and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 _hopper_built = _hopper_noted = False
@@ -293,10 +308,13 @@ def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, l
 
 @triton.jit
 def _mla_combine_kernel(part_ptr, lse_ptr, pos_ptr, out_ptr, s_ot, s_oh, s_os, MIN_KEYS,
-                        DL: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr):
+                        DL: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PDL: tl.constexpr):
     """Program (row, head, piece of kv_lora): the row's active splits merged by their log2-sum-exp. All splits'
     partials are loaded at once (a SPLITS_P2 x BLOCK_D tile), not one after another: a serial loop over 64 splits
-    would wait on 64 loads in turn."""
+    would wait on 64 loads in turn. PDL: launched before the split kernel ends, it waits for it here."""
+    if PDL:
+        gdc_wait()
     t = tl.program_id(0)
     h = tl.program_id(1)
     H = tl.num_programs(1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
     warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -59,6 +60,10 @@ def _split_kernel(q_ptr, qr_ptr, kv_desc, pe_desc, slot_ptr, pos_ptr, o_ptr, lse
                   s_qt, s_qh, s_rt, s_rh, s_ot, s_oh, s_os, MIN_KEYS, SPLITS: gl.constexpr, R1: gl.constexpr):
     t = gl.program_id(2)
     sp = gl.program_id(1)
+    # the merge (runtime.attention's, launched as a programmatic dependent) may start launching now: it waits for
+    # this grid's end itself, and its launch then overlaps this grid's last programs
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                              pack=1)
     length = gl.load(pos_ptr + t).to(gl.int32) + 1
     slot = gl.load(slot_ptr + t).to(gl.int32)          # beside the length's load, not after it
     active = gl.minimum(SPLITS, (length + MIN_KEYS - 1) // MIN_KEYS)
@@ -102,9 +107,13 @@ def _split_body(q_ptr, qr_ptr, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_
     ql: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     rows = h0 + gl.arange(0, 64, layout=gl.SliceLayout(1, ql))
     cols = gl.arange(0, 64, layout=gl.SliceLayout(0, ql))
+    # the queries by cp.async, all ten pieces in flight at once (through registers, loads and stores alternate)
     for j in gl.static_range(PIECES):
-        q_s.index(j).store(gl.load(q_ptr + t * s_qt + rows[:, None] * s_qh + j * 64 + cols[None, :]))
-    q_s.index(PIECES).store(gl.load(qr_ptr + t * s_rt + rows[:, None] * s_rh + cols[None, :]))
+        async_copy.async_copy_global_to_shared(q_s.index(j), q_ptr + t * s_qt + rows[:, None] * s_qh + j * 64
+                                               + cols[None, :])
+    async_copy.async_copy_global_to_shared(q_s.index(PIECES), qr_ptr + t * s_rt + rows[:, None] * s_rh + cols[None, :])
+    async_copy.commit_group()
+    async_copy.wait_group(0)
     fence_async_shared()
     gl.thread_barrier()
     gl.warp_specialize([

@@ -458,6 +458,7 @@ def _moe_dense(x, ids, weights, local, gate, up, down, counts=None):
         tok = p // k
         xs = xb[tok]
         offs = (bounds[g0 + 1:g1 + 1] - bounds[g0]).to(torch.int32)
+        spans = [(j - g0, starts[j] - a, starts[j + 1] - a) for j in range(g0, g1) if starts[j + 1] > starts[j]]
         ag = _grouped_mm(xs, wg.transpose(1, 2), offs)
         if ag is not None:
             au = _grouped_mm(xs, wu.transpose(1, 2), offs)
@@ -465,16 +466,12 @@ def _moe_dense(x, ids, weights, local, gate, up, down, counts=None):
             y = _grouped_mm(h, wd.transpose(1, 2), offs).float()
         else:
             y = torch.empty((b - a, hidden), dtype=torch.float32, device=x.device)
-            for j in range(g0, g1):
-                r0, r1 = starts[j] - a, starts[j + 1] - a
-                if r1 > r0:
-                    ag, au = _mm32(xs[r0:r1], wg[j - g0]), _mm32(xs[r0:r1], wu[j - g0])
-                    y[r0:r1] = _mm32((F.silu(ag) * au).to(torch.bfloat16), wd[j - g0])
+            for e, r0, r1 in spans:
+                ag, au = _mm32(xs[r0:r1], wg[e]), _mm32(xs[r0:r1], wu[e])
+                y[r0:r1] = _mm32((F.silu(ag) * au).to(torch.bfloat16), wd[e])
         y *= wf[p, None]
-        for j in range(g0, g1):
-            r0, r1 = starts[j] - a, starts[j + 1] - a
-            if r1 > r0:
-                out.index_add_(0, tok[r0:r1], y[r0:r1])
+        for _, r0, r1 in spans:
+            out.index_add_(0, tok[r0:r1], y[r0:r1])
     return out
 
 

@@ -1,17 +1,21 @@
 """The split-KV MLA decode kernel on sm_90 in Gluon (runtime.attention's `_mla_split_kernel`, rebuilt where Triton's
-choices cost most), with the two warpgroups in FlashMLA's roles:
-- warpgroup 0 computes each 64-key block's whole 64 heads x 64 keys score tile (the queries' nine 64 x 64 pieces,
-  [q_lat | q_pe], sit in shared memory), its softmax in registers (no reduction across warpgroups), and
-  P @ c_kv[:, :256] with P from registers; it hands P and the rescale factors to warpgroup 1 through shared memory
-  and computes the next block's scores while warpgroup 1 runs P @ c_kv[:, 256:];
-- warpgroup 1 (a warp-specialized partition) does that second half and issues the key blocks' copies: c_kv in eight
-  64-wide pieces and k_rope, by TMA into a ring of two stages, each refilled once both warpgroups are done with it.
-Mbarriers order the hand-overs (block ready, stage free, P ready, P read). Triton's kernel gave each warpgroup the
-whole score tile (computed twice, at 16 columns an MMA) and copied key blocks through registers.
+choices cost most), on FlashMLA's "seesaw" schedule. A program's two warpgroups take a round of two 64-key blocks:
+- warpgroup 0 computes the even block's 64 heads x 64 keys scores (the queries' nine 64 x 64 pieces, [q_lat | q_pe],
+  sit in shared memory) and its softmax, warpgroup 1 the odd block's, each in registers, so one warpgroup's softmax
+  runs while the other's products keep the tensor cores busy;
+- the output's 64 x 512 float32 accumulator is split by columns: warpgroup 0 holds O[:, :256], warpgroup 1
+  O[:, 256:], and each multiplies both blocks' P into its half (its own P from registers, the other's from shared
+  memory, where it replaces the block's k_rope once the scores are done);
+- the running max is shared: warpgroup 0's max of its block goes to warpgroup 1, whose max over both is the round's;
+  each rescales by the factors in turn (mathematically FlashAttention's online softmax).
+Each key block sits in one of two stages as two halves on their own TMA barriers: the half of c_kv that its own
+warpgroup multiplies by its P (early: reloaded as soon as that product is done) and the other half with k_rope (late:
+reloaded once the other warpgroup's product is done); a score chain starts on the early half.
 Same contract as the Triton kernel for one row a program (TOK = 1): program (head group of 64, split, row), the row's
 length cut by `split_range`, the split's normalized output and its log2-sum-exp out; a split past the row's end
-writes zeros and -inf. Keys past a row's end but inside the cache are read and masked: the cache must hold finite
-values there (runtime.model zero-fills it); past the cache's end TMA reads zeros.
+writes zeros and -inf. Keys past a row's end but inside the cache are read and masked (and with an odd number of
+blocks, the last round's odd block past the split's end): the cache must hold finite values there (runtime.model
+zero-fills it); past the cache's end TMA reads zeros.
 
 Only for 64-head groups, kv_lora 512, rope 64 and a contiguous bf16 cache (DeepSeek-V3's shapes); runtime.attention
 picks it (`usable`) and keeps the Triton kernel for everything else and as the reference.
@@ -27,9 +31,9 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 BLOCK_N = gl.constexpr(64)     # keys a step
-STAGES = gl.constexpr(2)       # key blocks in shared memory: 2 x 72 KiB beside the queries' 72 KiB and P's 8
 DL = gl.constexpr(512)
 DR = gl.constexpr(64)
+EARLY = gl.constexpr(4)        # MMAs of a score chain's early half (c_kv's four 64-wide pieces)
 
 
 def usable(q_lat: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> bool:
@@ -64,17 +68,31 @@ def _split_kernel(q_ptr, qr_ptr, kv_desc, pe_desc, slot_ptr, pos_ptr, o_ptr, lse
     # this grid's end itself, and its launch then overlaps this grid's last programs
     gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
                               pack=1)
+    # the queries by cp.async first, all ten pieces in flight at once (they need no length): their latency overlaps
+    # the length's load and the first key blocks'
+    PIECES: gl.constexpr = DL // 64
+    piece: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16)
+    q_s = gl.allocate_shared_memory(gl.bfloat16, [PIECES + 1, 64, 64], piece)
+    ql: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    rows = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, ql))
+    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, ql))
+    for j in gl.static_range(PIECES):
+        async_copy.async_copy_global_to_shared(q_s.index(j), q_ptr + t * s_qt + rows[:, None] * s_qh + j * 64
+                                               + cols[None, :])
+    async_copy.async_copy_global_to_shared(q_s.index(PIECES), qr_ptr + t * s_rt + rows[:, None] * s_rh + cols[None, :])
+    async_copy.commit_group()
     length = gl.load(pos_ptr + t).to(gl.int32) + 1
     slot = gl.load(slot_ptr + t).to(gl.int32)          # beside the length's load, not after it
     active = gl.minimum(SPLITS, (length + MIN_KEYS - 1) // MIN_KEYS)
-    if sp < active:
-        per = ((length + active - 1) // active + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        start = sp * per
-        end = gl.minimum(length, start + per)
-        if start < end:
-            _split_body(q_ptr, qr_ptr, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_qt, s_qh, s_rt, s_rh, s_ot,
-                        s_oh, s_os, t, sp, start, end, slot * L, SPLITS, R1)
-        else:       # a split past the row's end (the last blocks rounded up): weight 0 in the merge
+    per = ((length + active - 1) // active + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = sp * per
+    end = gl.minimum(length, start + per)
+    if (sp < active) & (start < end):
+        _split_body(q_s, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp, start, end,
+                    slot * L, SPLITS, R1)
+    else:
+        async_copy.wait_group(0)
+        if sp < active:     # a split past the row's end (the last blocks rounded up): weight 0 in the merge
             zl: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
             h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, zl))
             d = gl.arange(0, DL, layout=gl.SliceLayout(0, zl))
@@ -84,160 +102,195 @@ def _split_kernel(q_ptr, qr_ptr, kv_desc, pe_desc, slot_ptr, pos_ptr, o_ptr, lse
 
 
 @gluon.jit
-def _split_body(q_ptr, qr_ptr, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_qt, s_qh, s_rt, s_rh, s_ot, s_oh,
-                s_os, t, sp, start, end, row0, SPLITS: gl.constexpr, R1: gl.constexpr):
-    PIECES: gl.constexpr = DL // 64
-    h0 = gl.program_id(0) * 64
-    piece: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16)
-    kv_l: gl.constexpr = kv_desc.layout
+def _split_body(q_s, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp, start, end, row0,
+                SPLITS: gl.constexpr, R1: gl.constexpr):
     wide: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DL], gl.bfloat16)
-    q_s = gl.allocate_shared_memory(gl.bfloat16, [PIECES + 1, 64, 64], piece)
-    k_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, DL], wide)
-    r_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, DR], kv_l)
-    p_s = gl.allocate_shared_memory(gl.bfloat16, [64, BLOCK_N], piece)
-    a_s = gl.allocate_shared_memory(gl.float32, [64], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    # bars: ready[0..1] (TMA), free[0..1] (WG0 done with a stage), p_ready (P and alpha published), p_free (read)
-    bars = gl.allocate_shared_memory(gl.int64, [2 * STAGES + 2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2 * STAGES + 2):
+    k_s = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, DL], wide)
+    # a block's k_rope, then (once its scores are done) its P for the other warpgroup
+    r_s = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, DR], kv_desc.layout)
+    # row vectors handed over: m0, c0 (warpgroup 0), m1, c1 (warpgroup 1), then l1 and 1 / l at the end
+    x_s = gl.allocate_shared_memory(gl.float32, [8 * 64], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    # bars: per stage its early and late halves' TMA (E0, L0, E1, L1), then max0, max1, p0, p1, sum1, inv
+    bars = gl.allocate_shared_memory(gl.int64, [10, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(10):
         mbarrier.init(bars.index(i), count=1)
     steps = gl.cdiv(end - start, BLOCK_N)
-    for i in gl.static_range(STAGES):
-        if i < steps:
-            _load_block(kv_desc, pe_desc, k_s, r_s, bars, i, row0 + start + i * BLOCK_N)
-    ql: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    rows = h0 + gl.arange(0, 64, layout=gl.SliceLayout(1, ql))
-    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, ql))
-    # the queries by cp.async, all ten pieces in flight at once (through registers, loads and stores alternate)
-    for j in gl.static_range(PIECES):
-        async_copy.async_copy_global_to_shared(q_s.index(j), q_ptr + t * s_qt + rows[:, None] * s_qh + j * 64
-                                               + cols[None, :])
-    async_copy.async_copy_global_to_shared(q_s.index(PIECES), qr_ptr + t * s_rt + rows[:, None] * s_rh + cols[None, :])
-    async_copy.commit_group()
+    for st in gl.static_range(2):      # the first round's blocks (block 1 read and masked where steps == 1)
+        _load_half(kv_desc, pe_desc, k_s, r_s, bars, st, 0, row0 + start + st * BLOCK_N)
+        _load_half(kv_desc, pe_desc, k_s, r_s, bars, st, 1, row0 + start + st * BLOCK_N)
     async_copy.wait_group(0)
     fence_async_shared()
     gl.thread_barrier()
     gl.warp_specialize([
-        (_scores_wg, (q_s, k_s, r_s, p_s, a_s, bars, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp, start,
-                      end, steps, SPLITS)),
-        (_values_wg, (k_s, r_s, p_s, a_s, bars, kv_desc, pe_desc, o_ptr, s_ot, s_oh, s_os, t, sp, start, steps,
-                      row0)),
+        (_even_wg, (q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t,
+                    sp, start, end, steps, row0, SPLITS)),
+        (_odd_wg, (q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, o_ptr, qk_scale, s_ot, s_oh, s_os, t, sp, start, end,
+                   steps, row0)),
     ], [4], [R1])
 
 
 @gluon.jit
-def _scores(q_s, kb, rb, s_zero):
-    """Queries x a key block, 64 x 64, as an asynchronous chain of MMAs (the caller waits)."""
-    PIECES: gl.constexpr = DL // 64
-    s = warpgroup_mma(q_s.index(0), kb.slice(0, 64, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    for j in gl.static_range(1, PIECES):
-        s = warpgroup_mma(q_s.index(j), kb.slice(j * 64, 64, dim=1).permute((1, 0)), s, is_async=True)
-    return warpgroup_mma(q_s.index(PIECES), rb.permute((1, 0)), s, is_async=True)
+def _load_half(kv_desc, pe_desc, k_s, r_s, bars, st: gl.constexpr, late: gl.constexpr, row):
+    """Half of a key block into stage `st` by TMA: c_kv's four 64-wide pieces of that half, and for the late half
+    also k_rope. Stage 0's early half is c_kv[:, :256] (the half warpgroup 0 multiplies by its own P), stage 1's
+    c_kv[:, 256:] (warpgroup 1's); each half arrives on its own barrier, so a reload waits only for its readers."""
+    bar = bars.index(2 * st + late)
+    lo: gl.constexpr = ((st + late) % 2) * (DL // 2)
+    if late:
+        mbarrier.expect(bar, BLOCK_N * (DL // 2 + DR) * 2)
+    else:
+        mbarrier.expect(bar, BLOCK_N * (DL // 2) * 2)
+    kb = k_s.index(st)
+    for j in gl.static_range(DL // 128):
+        tma.async_copy_global_to_shared(kv_desc, [row, lo + j * 64], bar, kb.slice(lo + j * 64, 64, dim=1))
+    if late:
+        tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, r_s.index(st))
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, keys, base, end, qk_scale):
-    n = base + keys
-    s = gl.where((n < end)[None, :], s * qk_scale, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, axis=1))
-    alpha = gl.exp2(m_i - m_new)
-    e = gl.exp2(s - m_new[:, None])
-    return e.to(gl.bfloat16), alpha, m_new, l_i * alpha + gl.sum(e, axis=1)
+def _scores(q_s, k_s, r_s, bars, st: gl.constexpr, ph, s_zero):
+    """The queries x stage st's key block, 64 x 64, as an asynchronous chain of MMAs (the caller waits): the
+    early half's four pieces as soon as they are in, then the late half's and k_rope."""
+    kb = k_s.index(st)
+    lo: gl.constexpr = st * (DL // 2)
+    hi: gl.constexpr = (1 - st) * (DL // 2)
+    mbarrier.wait(bars.index(2 * st), ph)
+    s = warpgroup_mma(q_s.index(lo // 64), kb.slice(lo, 64, dim=1).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    for j in gl.static_range(1, EARLY):
+        s = warpgroup_mma(q_s.index(lo // 64 + j), kb.slice(lo + j * 64, 64, dim=1).permute((1, 0)), s,
+                          is_async=True)
+    mbarrier.wait(bars.index(2 * st + 1), ph)
+    for j in gl.static_range(EARLY):
+        s = warpgroup_mma(q_s.index(hi // 64 + j), kb.slice(hi + j * 64, 64, dim=1).permute((1, 0)), s,
+                          is_async=True)
+    return warpgroup_mma(q_s.index(DL // 64), r_s.index(st).permute((1, 0)), s, is_async=True)
 
 
 @gluon.jit
-def _scores_wg(q_s, k_s, r_s, p_s, a_s, bars, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp, start, end,
-               steps, SPLITS: gl.constexpr):
-    """Warpgroup 0: the scores and softmax of every block, P @ c_kv[:, :256] from registers."""
+def _masked(s, keys, base, end, qk_scale):
+    return gl.where(((base + keys) < end)[None, :], s * qk_scale, float("-inf"))
+
+
+@gluon.jit
+def _even_wg(q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp,
+             start, end, steps, row0, SPLITS: gl.constexpr):
+    """Warpgroup 0: the even key blocks' scores and softmax (stage 0), O[:, :256] from both blocks of a round."""
     HALF: gl.constexpr = DL // 2
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
     p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-    p_ready = bars.index(2 * STAGES)
-    p_free = bars.index(2 * STAGES + 1)
+    row_l: gl.constexpr = gl.SliceLayout(1, s_l)
     keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
-    m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
-    l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l))
+    m_i = gl.full([64], float("-inf"), gl.float32, row_l)
+    l_i = gl.zeros([64], gl.float32, row_l)
     acc = gl.zeros([64, HALF], gl.float32, o_l)
     s_zero = gl.zeros([64, BLOCK_N], gl.float32, s_l)
-    mbarrier.wait(bars.index(0), 0)
-    s = _scores(q_s, k_s.index(0), r_s.index(0), s_zero)
-    s = warpgroup_mma_wait(0, deps=(s, ))
-    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, keys, start, end, qk_scale)
-    for i in range(steps - 1):
-        st = i % STAGES
-        nx = (i + 1) % STAGES
-        acc = _publish(p, alpha, acc, p_s, a_s, p_ready, p_free, i, o_l)
-        acc = warpgroup_mma(gl.convert_layout(p, p_l), k_s.index(st).slice(0, HALF, dim=1), acc, is_async=True)
-        mbarrier.wait(bars.index(nx), ((i + 1) // STAGES) & 1)
-        s = _scores(q_s, k_s.index(nx), r_s.index(nx), s_zero)
-        acc = warpgroup_mma_wait(1, deps=(acc, ))
-        gl.thread_barrier()
-        mbarrier.arrive(bars.index(STAGES + st), count=1)      # this warpgroup is done with stage st
+    for r in range(gl.cdiv(steps, 2)):
+        ph = r & 1
+        b = 2 * r
+        more = b + 2 < steps
+        s = _scores(q_s, k_s, r_s, bars, 0, ph, s_zero)
         s = warpgroup_mma_wait(0, deps=(s, ))
-        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, keys, start + (i + 1) * BLOCK_N, end, qk_scale)
-    last = steps - 1
-    acc = _publish(p, alpha, acc, p_s, a_s, p_ready, p_free, last, o_l)
-    acc = warpgroup_mma(gl.convert_layout(p, p_l), k_s.index(last % STAGES).slice(0, HALF, dim=1), acc)
-    # the row sums for warpgroup 1's half, through the same hand-over
-    mbarrier.wait(p_free, (steps & 1) ^ 1)
-    a_s.store(gl.where(l_i > 0, 1.0 / l_i, 0.0))
+        s = _masked(s, keys, start + b * BLOCK_N, end, qk_scale)
+        m0 = gl.maximum(m_i, gl.max(s, axis=1))
+        c0 = gl.exp2(m_i - m0)
+        x_s.slice(0, 64).store(m0)
+        x_s.slice(64, 64).store(c0)
+        gl.thread_barrier()
+        mbarrier.arrive(bars.index(4), count=1)
+        e = gl.exp2(s - m0[:, None])
+        l_i = l_i * c0 + gl.sum(e, axis=1)
+        acc = acc * gl.convert_layout(c0, gl.SliceLayout(1, o_l))[:, None]
+        acc = warpgroup_mma(gl.convert_layout(e.to(gl.bfloat16), p_l), k_s.index(0).slice(0, HALF, dim=1), acc,
+                            is_async=True)
+        mbarrier.wait(bars.index(5), ph)           # warpgroup 1's max over both blocks, and its factor c1
+        m_i = x_s.slice(128, 64).load(row_l)
+        c1 = x_s.slice(192, 64).load(row_l)
+        r_s.index(0).store((e * c1[:, None]).to(gl.bfloat16))       # P0 in m1's frame, for warpgroup 1
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(bars.index(6), count=1)
+        l_i = l_i * c1
+        acc = warpgroup_mma_wait(0, deps=(acc, ))  # P0 @ c_kv[:, :256] done: stage 0's early half is free
+        if more:
+            _load_half(kv_desc, pe_desc, k_s, r_s, bars, 0, 0, row0 + start + (b + 2) * BLOCK_N)
+        acc = acc * gl.convert_layout(c1, gl.SliceLayout(1, o_l))[:, None]
+        mbarrier.wait(bars.index(7), ph)
+        acc = warpgroup_mma(r_s.index(1), k_s.index(1).slice(0, HALF, dim=1), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))  # P1 @ c_kv[:, :256] done: stage 1's late half is free
+        if more:
+            _load_half(kv_desc, pe_desc, k_s, r_s, bars, 1, 1, row0 + start + (b + 3) * BLOCK_N)
+    mbarrier.wait(bars.index(8), 0)                # warpgroup 1's share of the row sums
+    l_i = l_i + x_s.slice(256, 64).load(row_l)
+    inv = gl.where(l_i > 0, 1.0 / l_i, 0.0)
+    x_s.slice(320, 64).store(inv)
     gl.thread_barrier()
-    mbarrier.arrive(p_ready, count=1)
-    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_l))
-    o = acc / gl.where(l_o > 0, l_o, 1.0)[:, None]
+    mbarrier.arrive(bars.index(9), count=1)
+    o = acc * gl.convert_layout(inv, gl.SliceLayout(1, o_l))[:, None]
     h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_l))
     d = gl.arange(0, HALF, layout=gl.SliceLayout(0, o_l))
-    gl.store(o_ptr + t * s_ot + h[:, None] * s_oh + sp * s_os + d[None, :], o)
+    # the partials stay in L2 for the merge, which reads them next (the key blocks stream through it)
+    gl.store(o_ptr + t * s_ot + h[:, None] * s_oh + sp * s_os + d[None, :], o, eviction_policy="evict_last")
     if SPLITS > 1:
         lse = gl.where(l_i > 0, m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        hs = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
-        gl.store(lse_ptr + t * (H * SPLITS) + hs * SPLITS + sp, lse)
+        hs = gl.program_id(0) * 64 + gl.arange(0, 64, layout=row_l)
+        gl.store(lse_ptr + t * (H * SPLITS) + hs * SPLITS + sp, lse, eviction_policy="evict_last")
 
 
 @gluon.jit
-def _publish(p, alpha, acc, p_s, a_s, p_ready, p_free, i, o_l: gl.constexpr):
-    """P_i and alpha_i to shared memory for warpgroup 1 (once it has read P_{i-1}); this half rescaled."""
-    mbarrier.wait(p_free, (i & 1) ^ 1)
-    p_s.store(p)
-    a_s.store(alpha)
-    fence_async_shared()
-    gl.thread_barrier()
-    mbarrier.arrive(p_ready, count=1)
-    return acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
-
-
-@gluon.jit
-def _values_wg(k_s, r_s, p_s, a_s, bars, kv_desc, pe_desc, o_ptr, s_ot, s_oh, s_os, t, sp, start, steps, row0):
-    """Warpgroup 1: P @ c_kv[:, 256:] from shared memory, and the key blocks' copies."""
+def _odd_wg(q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, o_ptr, qk_scale, s_ot, s_oh, s_os, t, sp, start, end,
+            steps, row0):
+    """Warpgroup 1: the odd key blocks' scores and softmax (stage 1), O[:, 256:] from both blocks of a round. With
+    an odd number of blocks the last round's odd block lies past the split's end: all masked, its P zeros."""
     HALF: gl.constexpr = DL // 2
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
-    p_ready = bars.index(2 * STAGES)
-    p_free = bars.index(2 * STAGES + 1)
+    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+    row_l: gl.constexpr = gl.SliceLayout(1, s_l)
+    keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
+    l_i = gl.zeros([64], gl.float32, row_l)
     acc = gl.zeros([64, HALF], gl.float32, o_l)
-    for i in range(steps):
-        st = i % STAGES
-        mbarrier.wait(p_ready, i & 1)
-        alpha = a_s.load(gl.SliceLayout(1, o_l))
-        acc = acc * alpha[:, None]
-        acc = warpgroup_mma(p_s, k_s.index(st).slice(HALF, HALF, dim=1), acc)
+    s_zero = gl.zeros([64, BLOCK_N], gl.float32, s_l)
+    for r in range(gl.cdiv(steps, 2)):
+        ph = r & 1
+        b = 2 * r + 1
+        more = b + 1 < steps
+        s = _scores(q_s, k_s, r_s, bars, 1, ph, s_zero)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        s = _masked(s, keys, start + b * BLOCK_N, end, qk_scale)
+        mbarrier.wait(bars.index(4), ph)           # warpgroup 0's max and factor c0
+        m0 = x_s.slice(0, 64).load(row_l)
+        c0 = x_s.slice(64, 64).load(row_l)
+        m1 = gl.maximum(m0, gl.max(s, axis=1))
+        c1 = gl.exp2(m0 - m1)
+        x_s.slice(128, 64).store(m1)
+        x_s.slice(192, 64).store(c1)
         gl.thread_barrier()
-        mbarrier.arrive(p_free, count=1)
-        if i + STAGES < steps:
-            mbarrier.wait(bars.index(STAGES + st), (i // STAGES) & 1)
-            _load_block(kv_desc, pe_desc, k_s, r_s, bars, st, row0 + start + (i + STAGES) * BLOCK_N)
-    mbarrier.wait(p_ready, steps & 1)
-    inv = a_s.load(gl.SliceLayout(1, o_l))
+        mbarrier.arrive(bars.index(5), count=1)
+        e = gl.exp2(s - m1[:, None])
+        l_i = l_i * (c0 * c1) + gl.sum(e, axis=1)
+        acc = acc * gl.convert_layout(c0 * c1, gl.SliceLayout(1, o_l))[:, None]
+        p = e.to(gl.bfloat16)
+        acc = warpgroup_mma(gl.convert_layout(p, p_l), k_s.index(1).slice(HALF, HALF, dim=1), acc, is_async=True)
+        r_s.index(1).store(p)                      # P1 for warpgroup 0
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(bars.index(7), count=1)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))  # P1 @ c_kv[:, 256:] done: stage 1's early half is free
+        if more:
+            _load_half(kv_desc, pe_desc, k_s, r_s, bars, 1, 0, row0 + start + (b + 2) * BLOCK_N)
+        mbarrier.wait(bars.index(6), ph)
+        acc = warpgroup_mma(r_s.index(0), k_s.index(0).slice(HALF, HALF, dim=1), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))  # P0 @ c_kv[:, 256:] done: stage 0's late half is free
+        if more:
+            _load_half(kv_desc, pe_desc, k_s, r_s, bars, 0, 1, row0 + start + (b + 1) * BLOCK_N)
+    x_s.slice(256, 64).store(l_i)
+    gl.thread_barrier()
+    mbarrier.arrive(bars.index(8), count=1)
+    mbarrier.wait(bars.index(9), 0)
+    inv = x_s.slice(320, 64).load(gl.SliceLayout(1, o_l))
     h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_l))
     d = HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, o_l))
-    gl.store(o_ptr + t * s_ot + h[:, None] * s_oh + sp * s_os + d[None, :], acc * inv[:, None])
-
-
-@gluon.jit
-def _load_block(kv_desc, pe_desc, k_s, r_s, ready, st, row):
-    """A key block's c_kv (eight 64-wide pieces) and k_rope by TMA into stage `st`."""
-    bar = ready.index(st)
-    mbarrier.expect(bar, BLOCK_N * (DL + DR) * 2)
-    kb = k_s.index(st)
-    for j in gl.static_range(DL // 64):
-        tma.async_copy_global_to_shared(kv_desc, [row, j * 64], bar, kb.slice(j * 64, 64, dim=1))
-    tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, r_s.index(st))
+    gl.store(o_ptr + t * s_ot + h[:, None] * s_oh + sp * s_os + d[None, :], acc * inv[:, None],
+             eviction_policy="evict_last")

@@ -66,7 +66,8 @@ LOG2E = 1.4426950408889634
 # time goes mostly to the scores' chain of small dependent MMAs (Triton gives each warpgroup the whole 64 x BLOCK_N
 # tile), and 64 keys take that chain at twice the width of 32.
 DECODE = dict(BLOCK_H=64, BLOCK_N=64, MIN_KEYS=128, WAVES=1, KEYS_MAJOR=False, num_warps=8, num_stages=2,
-              GLUON=True)        # GLUON: attention_hopper's kernel where it applies (sm_90, DeepSeek's shapes)
+              GLUON=True,        # GLUON: attention_hopper's kernel where it applies (sm_90, DeepSeek's shapes)
+              MERGE_WARPS=1)     # the merge's programs: one warp each (many small programs in flight)
 PREFILL = dict(ROWS=64, BLOCK_N=64, KEYS_MAJOR=False, num_warps=8, num_stages=2)
 
 
@@ -178,7 +179,7 @@ def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_
         pdl = _pdl(q_lat.device)
         _mla_combine_kernel[(T, H, triton.cdiv(DL, block_d))](
             part, lse, pos, out, part.stride(0), part.stride(1), part.stride(2), cfg["MIN_KEYS"], DL=DL,
-            SPLITS=splits, SPLITS_P2=p2, BLOCK_D=block_d, PDL=pdl, num_warps=4,
+            SPLITS=splits, SPLITS_P2=p2, BLOCK_D=block_d, PDL=pdl, num_warps=cfg.get("MERGE_WARPS", 4),
             **({"launch_pdl": True} if pdl else {}))
     return out
 

@@ -34,6 +34,12 @@ BLOCK_N = gl.constexpr(64)     # keys a step
 DL = gl.constexpr(512)
 DR = gl.constexpr(64)
 EARLY = gl.constexpr(4)        # MMAs of a score chain's early half (c_kv's four 64-wide pieces)
+HALF = gl.constexpr(DL.value // 2)     # the output's columns a warpgroup holds, c_kv's half a TMA barrier covers
+# each warpgroup's registers: a block's 64 x 64 scores (rows: heads), its half of the 64 x 512 output, P as an operand
+S_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N.value, 16]))
+O_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF.value, 16]))
+P_L = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=O_L.value, k_width=2))
+ROW_L = gl.constexpr(gl.SliceLayout(1, S_L.value))
 
 
 def usable(q_lat: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> bool:
@@ -135,11 +141,11 @@ def _load_half(kv_desc, pe_desc, k_s, r_s, bars, st: gl.constexpr, late: gl.cons
     also k_rope. Stage 0's early half is c_kv[:, :256] (the half warpgroup 0 multiplies by its own P), stage 1's
     c_kv[:, 256:] (warpgroup 1's); each half arrives on its own barrier, so a reload waits only for its readers."""
     bar = bars.index(2 * st + late)
-    lo: gl.constexpr = ((st + late) % 2) * (DL // 2)
+    lo: gl.constexpr = ((st + late) % 2) * HALF
     if late:
-        mbarrier.expect(bar, BLOCK_N * (DL // 2 + DR) * 2)
+        mbarrier.expect(bar, BLOCK_N * (HALF + DR) * 2)
     else:
-        mbarrier.expect(bar, BLOCK_N * (DL // 2) * 2)
+        mbarrier.expect(bar, BLOCK_N * HALF * 2)
     kb = k_s.index(st)
     for j in gl.static_range(DL // 128):
         tma.async_copy_global_to_shared(kv_desc, [row, lo + j * 64], bar, kb.slice(lo + j * 64, 64, dim=1))
@@ -148,12 +154,12 @@ def _load_half(kv_desc, pe_desc, k_s, r_s, bars, st: gl.constexpr, late: gl.cons
 
 
 @gluon.jit
-def _scores(q_s, k_s, r_s, bars, st: gl.constexpr, ph, s_zero):
-    """The queries x stage st's key block, 64 x 64, as an asynchronous chain of MMAs (the caller waits): the
-    early half's four pieces as soon as they are in, then the late half's and k_rope."""
+def _scores(q_s, k_s, r_s, bars, st: gl.constexpr, ph, s_zero, keys, base, end, qk_scale):
+    """The queries x stage st's key block (keys from `base`), 64 x 64, scaled, keys from `end` on masked: a chain of
+    MMAs on the early half's four pieces as soon as they are in, then on the late half's and k_rope."""
     kb = k_s.index(st)
-    lo: gl.constexpr = st * (DL // 2)
-    hi: gl.constexpr = (1 - st) * (DL // 2)
+    lo: gl.constexpr = st * HALF
+    hi: gl.constexpr = (1 - st) * HALF
     mbarrier.wait(bars.index(2 * st), ph)
     s = warpgroup_mma(q_s.index(lo // 64), kb.slice(lo, 64, dim=1).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
@@ -164,49 +170,45 @@ def _scores(q_s, k_s, r_s, bars, st: gl.constexpr, ph, s_zero):
     for j in gl.static_range(EARLY):
         s = warpgroup_mma(q_s.index(hi // 64 + j), kb.slice(hi + j * 64, 64, dim=1).permute((1, 0)), s,
                           is_async=True)
-    return warpgroup_mma(q_s.index(DL // 64), r_s.index(st).permute((1, 0)), s, is_async=True)
+    s = warpgroup_mma(q_s.index(DL // 64), r_s.index(st).permute((1, 0)), s, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s, ))
+    return gl.where(((base + keys) < end)[None, :], s * qk_scale, float("-inf"))
 
 
 @gluon.jit
-def _masked(s, keys, base, end, qk_scale):
-    return gl.where(((base + keys) < end)[None, :], s * qk_scale, float("-inf"))
+def _hand_over(x_s, at: gl.constexpr, m, c, bar):
+    """A round's running max and rescale factor to the other warpgroup: x_s[at:at + 128], then `bar`."""
+    x_s.slice(at, 64).store(m)
+    x_s.slice(at + 64, 64).store(c)
+    gl.thread_barrier()
+    mbarrier.arrive(bar, count=1)
 
 
 @gluon.jit
 def _even_wg(q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp,
              start, end, steps, row0, SPLITS: gl.constexpr):
     """Warpgroup 0: the even key blocks' scores and softmax (stage 0), O[:, :256] from both blocks of a round."""
-    HALF: gl.constexpr = DL // 2
-    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
-    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-    row_l: gl.constexpr = gl.SliceLayout(1, s_l)
-    keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
-    m_i = gl.full([64], float("-inf"), gl.float32, row_l)
-    l_i = gl.zeros([64], gl.float32, row_l)
-    acc = gl.zeros([64, HALF], gl.float32, o_l)
-    s_zero = gl.zeros([64, BLOCK_N], gl.float32, s_l)
+    keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
+    m_i = gl.full([64], float("-inf"), gl.float32, ROW_L)
+    l_i = gl.zeros([64], gl.float32, ROW_L)
+    acc = gl.zeros([64, HALF], gl.float32, O_L)
+    s_zero = gl.zeros([64, BLOCK_N], gl.float32, S_L)
     for r in range(gl.cdiv(steps, 2)):
         ph = r & 1
         b = 2 * r
         more = b + 2 < steps
-        s = _scores(q_s, k_s, r_s, bars, 0, ph, s_zero)
-        s = warpgroup_mma_wait(0, deps=(s, ))
-        s = _masked(s, keys, start + b * BLOCK_N, end, qk_scale)
+        s = _scores(q_s, k_s, r_s, bars, 0, ph, s_zero, keys, start + b * BLOCK_N, end, qk_scale)
         m0 = gl.maximum(m_i, gl.max(s, axis=1))
         c0 = gl.exp2(m_i - m0)
-        x_s.slice(0, 64).store(m0)
-        x_s.slice(64, 64).store(c0)
-        gl.thread_barrier()
-        mbarrier.arrive(bars.index(4), count=1)
+        _hand_over(x_s, 0, m0, c0, bars.index(4))
         e = gl.exp2(s - m0[:, None])
         l_i = l_i * c0 + gl.sum(e, axis=1)
-        acc = acc * gl.convert_layout(c0, gl.SliceLayout(1, o_l))[:, None]
-        acc = warpgroup_mma(gl.convert_layout(e.to(gl.bfloat16), p_l), k_s.index(0).slice(0, HALF, dim=1), acc,
+        acc = acc * gl.convert_layout(c0, gl.SliceLayout(1, O_L))[:, None]
+        acc = warpgroup_mma(gl.convert_layout(e.to(gl.bfloat16), P_L), k_s.index(0).slice(0, HALF, dim=1), acc,
                             is_async=True)
         mbarrier.wait(bars.index(5), ph)           # warpgroup 1's max over both blocks, and its factor c1
-        m_i = x_s.slice(128, 64).load(row_l)
-        c1 = x_s.slice(192, 64).load(row_l)
+        m_i = x_s.slice(128, 64).load(ROW_L)
+        c1 = x_s.slice(192, 64).load(ROW_L)
         r_s.index(0).store((e * c1[:, None]).to(gl.bfloat16))       # P0 in m1's frame, for warpgroup 1
         fence_async_shared()
         gl.thread_barrier()
@@ -215,26 +217,26 @@ def _even_wg(q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_s
         acc = warpgroup_mma_wait(0, deps=(acc, ))  # P0 @ c_kv[:, :256] done: stage 0's early half is free
         if more:
             _load_half(kv_desc, pe_desc, k_s, r_s, bars, 0, 0, row0 + start + (b + 2) * BLOCK_N)
-        acc = acc * gl.convert_layout(c1, gl.SliceLayout(1, o_l))[:, None]
+        acc = acc * gl.convert_layout(c1, gl.SliceLayout(1, O_L))[:, None]
         mbarrier.wait(bars.index(7), ph)
         acc = warpgroup_mma(r_s.index(1), k_s.index(1).slice(0, HALF, dim=1), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc, ))  # P1 @ c_kv[:, :256] done: stage 1's late half is free
         if more:
             _load_half(kv_desc, pe_desc, k_s, r_s, bars, 1, 1, row0 + start + (b + 3) * BLOCK_N)
     mbarrier.wait(bars.index(8), 0)                # warpgroup 1's share of the row sums
-    l_i = l_i + x_s.slice(256, 64).load(row_l)
+    l_i = l_i + x_s.slice(256, 64).load(ROW_L)
     inv = gl.where(l_i > 0, 1.0 / l_i, 0.0)
     x_s.slice(320, 64).store(inv)
     gl.thread_barrier()
     mbarrier.arrive(bars.index(9), count=1)
-    o = acc * gl.convert_layout(inv, gl.SliceLayout(1, o_l))[:, None]
-    h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_l))
-    d = gl.arange(0, HALF, layout=gl.SliceLayout(0, o_l))
+    o = acc * gl.convert_layout(inv, gl.SliceLayout(1, O_L))[:, None]
+    h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, O_L))
+    d = gl.arange(0, HALF, layout=gl.SliceLayout(0, O_L))
     # the partials stay in L2 for the merge, which reads them next (the key blocks stream through it)
     gl.store(o_ptr + t * s_ot + h[:, None] * s_oh + sp * s_os + d[None, :], o, eviction_policy="evict_last")
     if SPLITS > 1:
         lse = gl.where(l_i > 0, m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        hs = gl.program_id(0) * 64 + gl.arange(0, 64, layout=row_l)
+        hs = gl.program_id(0) * 64 + gl.arange(0, 64, layout=ROW_L)
         gl.store(lse_ptr + t * (H * SPLITS) + hs * SPLITS + sp, lse, eviction_policy="evict_last")
 
 
@@ -243,36 +245,26 @@ def _odd_wg(q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, o_ptr, qk_scale, s_ot, s
             steps, row0):
     """Warpgroup 1: the odd key blocks' scores and softmax (stage 1), O[:, 256:] from both blocks of a round. With
     an odd number of blocks the last round's odd block lies past the split's end: all masked, its P zeros."""
-    HALF: gl.constexpr = DL // 2
-    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
-    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-    row_l: gl.constexpr = gl.SliceLayout(1, s_l)
-    keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
-    l_i = gl.zeros([64], gl.float32, row_l)
-    acc = gl.zeros([64, HALF], gl.float32, o_l)
-    s_zero = gl.zeros([64, BLOCK_N], gl.float32, s_l)
+    keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
+    l_i = gl.zeros([64], gl.float32, ROW_L)
+    acc = gl.zeros([64, HALF], gl.float32, O_L)
+    s_zero = gl.zeros([64, BLOCK_N], gl.float32, S_L)
     for r in range(gl.cdiv(steps, 2)):
         ph = r & 1
         b = 2 * r + 1
         more = b + 1 < steps
-        s = _scores(q_s, k_s, r_s, bars, 1, ph, s_zero)
-        s = warpgroup_mma_wait(0, deps=(s, ))
-        s = _masked(s, keys, start + b * BLOCK_N, end, qk_scale)
+        s = _scores(q_s, k_s, r_s, bars, 1, ph, s_zero, keys, start + b * BLOCK_N, end, qk_scale)
         mbarrier.wait(bars.index(4), ph)           # warpgroup 0's max and factor c0
-        m0 = x_s.slice(0, 64).load(row_l)
-        c0 = x_s.slice(64, 64).load(row_l)
+        m0 = x_s.slice(0, 64).load(ROW_L)
+        c0 = x_s.slice(64, 64).load(ROW_L)
         m1 = gl.maximum(m0, gl.max(s, axis=1))
         c1 = gl.exp2(m0 - m1)
-        x_s.slice(128, 64).store(m1)
-        x_s.slice(192, 64).store(c1)
-        gl.thread_barrier()
-        mbarrier.arrive(bars.index(5), count=1)
+        _hand_over(x_s, 128, m1, c1, bars.index(5))
         e = gl.exp2(s - m1[:, None])
         l_i = l_i * (c0 * c1) + gl.sum(e, axis=1)
-        acc = acc * gl.convert_layout(c0 * c1, gl.SliceLayout(1, o_l))[:, None]
+        acc = acc * gl.convert_layout(c0 * c1, gl.SliceLayout(1, O_L))[:, None]
         p = e.to(gl.bfloat16)
-        acc = warpgroup_mma(gl.convert_layout(p, p_l), k_s.index(1).slice(HALF, HALF, dim=1), acc, is_async=True)
+        acc = warpgroup_mma(gl.convert_layout(p, P_L), k_s.index(1).slice(HALF, HALF, dim=1), acc, is_async=True)
         r_s.index(1).store(p)                      # P1 for warpgroup 0
         fence_async_shared()
         gl.thread_barrier()
@@ -289,8 +281,8 @@ def _odd_wg(q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, o_ptr, qk_scale, s_ot, s
     gl.thread_barrier()
     mbarrier.arrive(bars.index(8), count=1)
     mbarrier.wait(bars.index(9), 0)
-    inv = x_s.slice(320, 64).load(gl.SliceLayout(1, o_l))
-    h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_l))
-    d = HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, o_l))
+    inv = x_s.slice(320, 64).load(gl.SliceLayout(1, O_L))
+    h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, O_L))
+    d = HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, O_L))
     gl.store(o_ptr + t * s_ot + h[:, None] * s_oh + sp * s_os + d[None, :], acc * inv[:, None],
              eviction_policy="evict_last")

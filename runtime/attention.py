@@ -179,7 +179,7 @@ def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_
         pdl = _pdl(q_lat.device)
         _mla_combine_kernel[(T, H, triton.cdiv(DL, block_d))](
             part, lse, pos, out, part.stride(0), part.stride(1), part.stride(2), cfg["MIN_KEYS"], DL=DL,
-            SPLITS=splits, SPLITS_P2=p2, BLOCK_D=block_d, PDL=pdl, num_warps=cfg.get("MERGE_WARPS", 4),
+            SPLITS=splits, SPLITS_P2=p2, BLOCK_D=block_d, PDL=pdl, num_warps=cfg["MERGE_WARPS"],
             **({"launch_pdl": True} if pdl else {}))
     return out
 

@@ -33,8 +33,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 BLOCK_N = gl.constexpr(64)     # keys a step
 DL = gl.constexpr(512)
 DR = gl.constexpr(64)
-EARLY = gl.constexpr(4)        # MMAs of a score chain's early half (c_kv's four 64-wide pieces)
 HALF = gl.constexpr(DL.value // 2)     # the output's columns a warpgroup holds, c_kv's half a TMA barrier covers
+EARLY = gl.constexpr(HALF.value // 64)  # 64-wide pieces of a half: MMAs of a score chain's early half
 # each warpgroup's registers: a block's 64 x 64 scores (rows: heads), its half of the 64 x 512 output, P as an operand
 S_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N.value, 16]))
 O_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF.value, 16]))
@@ -147,7 +147,7 @@ def _load_half(kv_desc, pe_desc, k_s, r_s, bars, st: gl.constexpr, late: gl.cons
     else:
         mbarrier.expect(bar, BLOCK_N * HALF * 2)
     kb = k_s.index(st)
-    for j in gl.static_range(DL // 128):
+    for j in gl.static_range(EARLY):
         tma.async_copy_global_to_shared(kv_desc, [row, lo + j * 64], bar, kb.slice(lo + j * 64, 64, dim=1))
     if late:
         tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, r_s.index(st))

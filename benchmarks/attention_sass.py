@@ -33,7 +33,7 @@ DL, DR, SPLITS = 512, 64, 66
 def split_kernel(cfg, decode):
     block_h = cfg["BLOCK_H"] if decode else min(cfg["ROWS"], 128)
     sig = dict(q_ptr="*bf16", qr_ptr="*bf16", kv_ptr="*bf16", pe_ptr="*bf16", slot_ptr="*i64", pos_ptr="*i64",
-               o_ptr="*fp32", lse_ptr="*fp32", T="i32", H="i32", qk_scale="fp32",
+               o_ptr="*bf16" if decode else "*fp32", lse_ptr="*fp32", T="i32", H="i32", qk_scale="fp32",
                s_qt="i32", s_qh="i32", s_rt="i32", s_rh="i32", s_kn="i32", s_kl="i32", s_pn="i32", s_pl="i32",
                s_ot="i32", s_oh="i32", s_os="i32", MIN_KEYS="i32")
     consts = dict(DL=DL, DR=DR, SPLITS=SPLITS if decode else 1, TOK=1 if decode else cfg["ROWS"] // block_h,
@@ -43,10 +43,11 @@ def split_kernel(cfg, decode):
 
 
 def combine_kernel(cfg):
-    sig = dict(part_ptr="*fp32", lse_ptr="*fp32", pos_ptr="*i64", out_ptr="*fp32", s_ot="i32",
+    sig = dict(part_ptr="*bf16", lse_ptr="*fp32", pos_ptr="*i64", out_ptr="*fp32", s_ot="i32",
                s_oh="i32", s_os="i32", MIN_KEYS="i32")
     p2 = triton.next_power_of_2(SPLITS)
-    return A._mla_combine_kernel, sig, dict(DL=DL, SPLITS=SPLITS, SPLITS_P2=p2, BLOCK_D=max(16, min(DL, 4096 // p2)))
+    return A._mla_combine_kernel, sig, dict(DL=DL, SPLITS=SPLITS, SPLITS_P2=p2, BLOCK_N=cfg["BLOCK_N"],
+                                            BLOCK_D=max(16, min(DL, cfg["MERGE_TILE"] // p2)), PDL=False)
 
 
 def build(name, fn, sig, consts, warps, stages):
@@ -80,7 +81,8 @@ def main():
         cfg = dict(A.PREFILL, **over)
         build("prefill", *split_kernel(cfg, False), cfg["num_warps"], cfg["num_stages"])
     if what in ("combine", "all"):
-        build("combine", *combine_kernel(A.DECODE), 4, 1)
+        cfg = dict(A.DECODE, **over)
+        build("combine", *combine_kernel(cfg), cfg["MERGE_WARPS"], 1)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ LOG2E = 1.4426950408889634
 # tile), and 64 keys take that chain at twice the width of 32.
 DECODE = dict(BLOCK_H=64, BLOCK_N=64, MIN_KEYS=128, WAVES=1, KEYS_MAJOR=False, num_warps=8, num_stages=2,
               GLUON=True,        # GLUON: attention_hopper's kernel where it applies (sm_90, DeepSeek's shapes)
-              MERGE_WARPS=1)     # the merge's programs: one warp each (many small programs in flight)
+              MERGE_WARPS=1,     # the merge's programs: one warp each (many small programs in flight)
+              MERGE_TILE=4096)   # partials a merge program takes (all splits x a piece of kv_lora)
 PREFILL = dict(ROWS=64, BLOCK_N=64, KEYS_MAJOR=False, num_warps=8, num_stages=2)
 
 
@@ -158,7 +159,8 @@ def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_
     assert kv.stride(-1) == 1 and pe.stride(-1) == 1 and kv.dtype == pe.dtype == torch.bfloat16, "bf16 cache rows"
     out = torch.empty(T, H, DL, dtype=torch.float32, device=q_lat.device)
     if splits > 1:
-        part = torch.empty(T, H, splits, DL, dtype=torch.float32, device=q_lat.device)
+        # bfloat16 partials: they cross L2 twice (written, merged), so their bytes cost most at one row
+        part = torch.empty(T, H, splits, DL, dtype=torch.bfloat16, device=q_lat.device)
         lse = torch.empty(T, H, splits, dtype=torch.float32, device=q_lat.device)
     else:
         part, lse = out.unsqueeze(2), out            # lse unused with one split
@@ -175,11 +177,11 @@ def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1 and combine:
         p2 = triton.next_power_of_2(splits)
-        block_d = max(16, min(d_lat, 4096 // p2))                   # a tile of ~4K partials a program
+        block_d = max(16, min(d_lat, cfg["MERGE_TILE"] // p2))      # a tile of MERGE_TILE partials a program
         pdl = _pdl(q_lat.device)
         _mla_combine_kernel[(T, H, triton.cdiv(DL, block_d))](
             part, lse, pos, out, part.stride(0), part.stride(1), part.stride(2), cfg["MIN_KEYS"], DL=DL,
-            SPLITS=splits, SPLITS_P2=p2, BLOCK_D=block_d, PDL=pdl, num_warps=cfg["MERGE_WARPS"],
+            SPLITS=splits, SPLITS_P2=p2, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, PDL=pdl, num_warps=cfg["MERGE_WARPS"],
             **({"launch_pdl": True} if pdl else {}))
     return out
 
@@ -230,11 +232,12 @@ def _dot(a, b, F32: tl.constexpr):
 @triton.jit
 def _split_range(length, split, MIN_KEYS, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys [start, end) of split `split` of a row of `length` keys: the row's length cut into as many splits
-    as have MIN_KEYS keys each (at most SPLITS), each a whole number of key blocks. Also the active count."""
-    active = tl.minimum(SPLITS, (length + MIN_KEYS - 1) // MIN_KEYS)
-    per = ((length + active - 1) // active + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    as have MIN_KEYS keys each (at most SPLITS), each a whole number of key blocks. Also the active count: the
+    splits that hold keys (rounding up to whole blocks can leave the last ones empty; they run and write nothing)."""
+    n = tl.minimum(SPLITS, (length + MIN_KEYS - 1) // MIN_KEYS)
+    per = ((length + n - 1) // n + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     start = split * per
-    return start, tl.minimum(length, start + per), active
+    return start, tl.minimum(length, start + per), (length + per - 1) // per
 
 
 @triton.jit
@@ -245,7 +248,7 @@ def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, l
                       KEYS_MAJOR: tl.constexpr, DOT_F32: tl.constexpr):
     """Program (head group, split, token group): rows are TOK tokens (one slot) x BLOCK_H heads; each key block
     of that slot is loaded once for all of them. With SPLITS > 1 (TOK = 1), writes the split's normalized output
-    and its log2-sum-exp; with one split, the output."""
+    (in o_ptr's type: bfloat16 partials) and its log2-sum-exp; with one split, the output."""
     M: tl.constexpr = TOK * BLOCK_H
     r = tl.arange(0, M)
     t = (tl.program_id(2) * TOK + r // BLOCK_H).to(tl.int64)      # offsets past 2^31 in a long chunk
@@ -300,8 +303,8 @@ def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, l
         acc = acc * alpha[:, None] + _dot(e.to(k.dtype), k, DOT_F32)
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + t[:, None] * s_ot + h[:, None] * s_oh + split * s_os + dl[None, :], o,
-             mask=row_ok[:, None] & (dl < DL)[None, :])
+    tl.store(o_ptr + t[:, None] * s_ot + h[:, None] * s_oh + split * s_os + dl[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (dl < DL)[None, :])
     if SPLITS > 1:
         lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + t * (H * SPLITS) + h * SPLITS + split, lse, mask=row_ok)
@@ -309,27 +312,28 @@ def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, l
 
 @triton.jit
 def _mla_combine_kernel(part_ptr, lse_ptr, pos_ptr, out_ptr, s_ot, s_oh, s_os, MIN_KEYS,
-                        DL: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PDL: tl.constexpr):
+                        DL: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Program (row, head, piece of kv_lora): the row's active splits merged by their log2-sum-exp. All splits'
     partials are loaded at once (a SPLITS_P2 x BLOCK_D tile), not one after another: a serial loop over 64 splits
-    would wait on 64 loads in turn. PDL: launched before the split kernel ends, it waits for it here."""
-    if PDL:
-        gdc_wait()
+    would wait on 64 loads in turn. PDL: launched before the split kernel ends, it waits for it once it has read
+    the row's position (which the split kernel does not write)."""
     t = tl.program_id(0)
     h = tl.program_id(1)
     H = tl.num_programs(1)
     length = tl.load(pos_ptr + t) + 1
-    active = tl.minimum(SPLITS, (length + MIN_KEYS - 1) // MIN_KEYS)
+    _, _, active = _split_range(length, 0, MIN_KEYS, SPLITS, BLOCK_N)
+    if PDL:
+        gdc_wait()
     s = tl.arange(0, SPLITS_P2)
     lse = tl.load(lse_ptr + (t * H + h) * SPLITS + s, mask=s < active, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m)                                      # 0 for the splits past the row's length
+    w = tl.math.exp2(lse - m)
     total = tl.sum(w, axis=0)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     part = tl.load(part_ptr + t.to(tl.int64) * s_ot + h * s_oh + s[:, None] * s_os + d[None, :],
-                   mask=(s < active)[:, None] & (d < DL)[None, :], other=0.0)
+                   mask=(s < active)[:, None] & (d < DL)[None, :], other=0.0).to(tl.float32)
     acc = tl.sum(part * w[:, None], axis=0)
     tl.store(out_ptr + (t.to(tl.int64) * H + h) * DL + d, acc / tl.where(total > 0, total, 1.0), mask=d < DL)
 

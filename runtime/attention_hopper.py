@@ -12,10 +12,11 @@ Each key block sits in one of two stages as two halves on their own TMA barriers
 warpgroup multiplies by its P (early: reloaded as soon as that product is done) and the other half with k_rope (late:
 reloaded once the other warpgroup's product is done); a score chain starts on the early half.
 Same contract as the Triton kernel for one row a program (TOK = 1): program (head group of 64, split, row), the row's
-length cut by `split_range`, the split's normalized output and its log2-sum-exp out; a split past the row's end
-writes zeros and -inf. Keys past a row's end but inside the cache are read and masked (and with an odd number of
-blocks, the last round's odd block past the split's end): the cache must hold finite values there (runtime.model
-zero-fills it); past the cache's end TMA reads zeros.
+length cut as runtime.attention's `_split_range` cuts it, the split's normalized output (with more than one split,
+bfloat16 partials stored by TMA from the shared memory that held its own halves of c_kv) and its log2-sum-exp out; a
+split past the row's end writes nothing. Keys past a row's end but inside the cache are read and masked (and with an
+odd number of blocks, the last round's odd block past the split's end): the cache must hold finite values there
+(runtime.model zero-fills it); past the cache's end TMA reads zeros.
 
 Only for 64-head groups, kv_lora 512, rope 64 and a contiguous bf16 cache (DeepSeek-V3's shapes); runtime.attention
 picks it (`usable`) and keeps the Triton kernel for everything else and as the reference.
@@ -50,14 +51,21 @@ def usable(q_lat: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> bool:
 
 
 def split(q_lat, q_rope, kv, pe, slots, pos, qk_scale: float, part, lse, min_keys: int, splits: int) -> None:
-    """The split kernel's launch: part (T, H, splits, DL) float32 and lse (T, H, splits) as runtime.attention's."""
+    """The split kernel's launch: part and lse (T, H, splits) as runtime.attention's. With one split, part is the
+    float32 output (T, H, 1, DL); with more, the contiguous bfloat16 partials (T, H, splits, DL)."""
     T, H, _ = q_lat.shape
     N, L, _ = kv.shape
     n, dl, dr = BLOCK_N.value, DL.value, DR.value
     layout = gl.NVMMASharedLayout.get_default_for([n, 64], gl.bfloat16)
     kv_desc = TensorDescriptor(kv.view(N * L, dl), [N * L, dl], [dl, 1], [n, 64], layout)
     pe_desc = TensorDescriptor(pe.view(N * L, dr), [N * L, dr], [dr, 1], [n, 64], layout)
-    args = (q_lat, q_rope, kv_desc, pe_desc, slots, pos, part, lse, H, L, qk_scale,
+    if splits > 1:      # a program's 64 heads x 64 values at a time, rows (row, head), columns (split, value)
+        assert part.dtype == torch.bfloat16 and part.is_contiguous(), "contiguous bfloat16 partials"
+        part_desc = TensorDescriptor(part.view(T * H, splits * dl), [T * H, splits * dl], [splits * dl, 1], [64, 64],
+                                     layout)
+    else:               # not used: one split stores the float32 output from registers
+        part_desc = kv_desc
+    args = (q_lat, q_rope, kv_desc, pe_desc, part_desc, slots, pos, part, lse, H, L, qk_scale,
             q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
             part.stride(0), part.stride(1), part.stride(2), min_keys)
     # warpgroup 0 is the kernel's 4 warps, warpgroup 1 a 4-warp partition (`R1` registers a thread, it holds half
@@ -66,7 +74,7 @@ def split(q_lat, q_rope, kv, pe, slots, pos, qk_scale: float, part, lse, min_key
 
 
 @gluon.jit
-def _split_kernel(q_ptr, qr_ptr, kv_desc, pe_desc, slot_ptr, pos_ptr, o_ptr, lse_ptr, H, L, qk_scale,
+def _split_kernel(q_ptr, qr_ptr, kv_desc, pe_desc, part_desc, slot_ptr, pos_ptr, o_ptr, lse_ptr, H, L, qk_scale,
                   s_qt, s_qh, s_rt, s_rh, s_ot, s_oh, s_os, MIN_KEYS, SPLITS: gl.constexpr, R1: gl.constexpr):
     t = gl.program_id(2)
     sp = gl.program_id(1)
@@ -89,34 +97,26 @@ def _split_kernel(q_ptr, qr_ptr, kv_desc, pe_desc, slot_ptr, pos_ptr, o_ptr, lse
     async_copy.commit_group()
     length = gl.load(pos_ptr + t).to(gl.int32) + 1
     slot = gl.load(slot_ptr + t).to(gl.int32)          # beside the length's load, not after it
-    active = gl.minimum(SPLITS, (length + MIN_KEYS - 1) // MIN_KEYS)
-    per = ((length + active - 1) // active + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    n = gl.minimum(SPLITS, (length + MIN_KEYS - 1) // MIN_KEYS)
+    per = ((length + n - 1) // n + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     start = sp * per
-    end = gl.minimum(length, start + per)
-    if (sp < active) & (start < end):
-        _split_body(q_s, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp, start, end,
-                    slot * L, SPLITS, R1)
+    if start < length:      # the splits that hold keys (the merge takes as many)
+        _split_body(q_s, kv_desc, pe_desc, part_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp, start,
+                    gl.minimum(length, start + per), slot * L, SPLITS, R1)
     else:
         async_copy.wait_group(0)
-        if sp < active:     # a split past the row's end (the last blocks rounded up): weight 0 in the merge
-            zl: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
-            h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, zl))
-            d = gl.arange(0, DL, layout=gl.SliceLayout(0, zl))
-            gl.store(o_ptr + t * s_ot + h[:, None] * s_oh + sp * s_os + d[None, :], gl.zeros([64, DL], gl.float32, zl))
-            gl.store(lse_ptr + t * (H * SPLITS) + h * SPLITS + sp, gl.full([64], float("-inf"), gl.float32,
-                                                                           gl.SliceLayout(1, zl)))
 
 
 @gluon.jit
-def _split_body(q_s, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp, start, end, row0,
-                SPLITS: gl.constexpr, R1: gl.constexpr):
+def _split_body(q_s, kv_desc, pe_desc, part_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp, start, end,
+                row0, SPLITS: gl.constexpr, R1: gl.constexpr):
     wide: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DL], gl.bfloat16)
     k_s = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, DL], wide)
     # a block's k_rope, then (once its scores are done) its P for the other warpgroup
     r_s = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, DR], kv_desc.layout)
-    # row vectors handed over: m0, c0 (warpgroup 0), m1, c1 (warpgroup 1), then l1 and 1 / l at the end
+    # row vectors handed over: m0, c0 (warpgroup 0), m1, c1 (warpgroup 1), then both row sums at the end
     x_s = gl.allocate_shared_memory(gl.float32, [8 * 64], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    # bars: per stage its early and late halves' TMA (E0, L0, E1, L1), then max0, max1, p0, p1, sum1, inv
+    # bars: per stage its early and late halves' TMA (E0, L0, E1, L1), then max0, max1, p0, p1, sum0, sum1
     bars = gl.allocate_shared_memory(gl.int64, [10, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(10):
         mbarrier.init(bars.index(i), count=1)
@@ -128,10 +128,10 @@ def _split_body(q_s, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, 
     fence_async_shared()
     gl.thread_barrier()
     gl.warp_specialize([
-        (_even_wg, (q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t,
-                    sp, start, end, steps, row0, SPLITS)),
-        (_odd_wg, (q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, o_ptr, qk_scale, s_ot, s_oh, s_os, t, sp, start, end,
-                   steps, row0)),
+        (_even_wg, (q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, part_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh,
+                    s_os, t, sp, start, end, steps, row0, SPLITS)),
+        (_odd_wg, (q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, part_desc, o_ptr, H, qk_scale, s_ot, s_oh, s_os, t,
+                   sp, start, end, steps, row0, SPLITS)),
     ], [4], [R1])
 
 
@@ -185,8 +185,8 @@ def _hand_over(x_s, at: gl.constexpr, m, c, bar):
 
 
 @gluon.jit
-def _even_wg(q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp,
-             start, end, steps, row0, SPLITS: gl.constexpr):
+def _even_wg(q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, part_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os,
+             t, sp, start, end, steps, row0, SPLITS: gl.constexpr):
     """Warpgroup 0: the even key blocks' scores and softmax (stage 0), O[:, :256] from both blocks of a round."""
     keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
     m_i = gl.full([64], float("-inf"), gl.float32, ROW_L)
@@ -223,26 +223,17 @@ def _even_wg(q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, o_ptr, lse_ptr, H, qk_s
         acc = warpgroup_mma_wait(0, deps=(acc, ))  # P1 @ c_kv[:, :256] done: stage 1's late half is free
         if more:
             _load_half(kv_desc, pe_desc, k_s, r_s, bars, 1, 1, row0 + start + (b + 3) * BLOCK_N)
-    mbarrier.wait(bars.index(8), 0)                # warpgroup 1's share of the row sums
-    l_i = l_i + x_s.slice(256, 64).load(ROW_L)
-    inv = gl.where(l_i > 0, 1.0 / l_i, 0.0)
-    x_s.slice(320, 64).store(inv)
-    gl.thread_barrier()
-    mbarrier.arrive(bars.index(9), count=1)
-    o = acc * gl.convert_layout(inv, gl.SliceLayout(1, O_L))[:, None]
-    h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, O_L))
-    d = gl.arange(0, HALF, layout=gl.SliceLayout(0, O_L))
-    # the partials stay in L2 for the merge, which reads them next (the key blocks stream through it)
-    gl.store(o_ptr + t * s_ot + h[:, None] * s_oh + sp * s_os + d[None, :], o, eviction_policy="evict_last")
-    if SPLITS > 1:
+    l_i = _row_sum(l_i, x_s, bars, 0)
+    if SPLITS > 1:      # the log2-sum-exp first: its store is under way while the partial is staged
         lse = gl.where(l_i > 0, m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         hs = gl.program_id(0) * 64 + gl.arange(0, 64, layout=ROW_L)
         gl.store(lse_ptr + t * (H * SPLITS) + hs * SPLITS + sp, lse, eviction_policy="evict_last")
+    _store_half(acc, l_i, k_s, part_desc, o_ptr, H, t, sp, s_ot, s_oh, s_os, 0, SPLITS)
 
 
 @gluon.jit
-def _odd_wg(q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, o_ptr, qk_scale, s_ot, s_oh, s_os, t, sp, start, end,
-            steps, row0):
+def _odd_wg(q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, part_desc, o_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp,
+            start, end, steps, row0, SPLITS: gl.constexpr):
     """Warpgroup 1: the odd key blocks' scores and softmax (stage 1), O[:, 256:] from both blocks of a round. With
     an odd number of blocks the last round's odd block lies past the split's end: all masked, its P zeros."""
     keys = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
@@ -277,12 +268,37 @@ def _odd_wg(q_s, k_s, r_s, x_s, bars, kv_desc, pe_desc, o_ptr, qk_scale, s_ot, s
         acc = warpgroup_mma_wait(0, deps=(acc, ))  # P0 @ c_kv[:, 256:] done: stage 0's late half is free
         if more:
             _load_half(kv_desc, pe_desc, k_s, r_s, bars, 0, 1, row0 + start + (b + 1) * BLOCK_N)
-    x_s.slice(256, 64).store(l_i)
+    l_i = _row_sum(l_i, x_s, bars, 1)
+    _store_half(acc, l_i, k_s, part_desc, o_ptr, H, t, sp, s_ot, s_oh, s_os, 1, SPLITS)
+
+
+@gluon.jit
+def _row_sum(l_i, x_s, bars, wg: gl.constexpr):
+    """The row sums over both warpgroups' blocks: each hands its own over and takes the other's."""
+    x_s.slice(256 + 64 * wg, 64).store(l_i)
     gl.thread_barrier()
-    mbarrier.arrive(bars.index(8), count=1)
-    mbarrier.wait(bars.index(9), 0)
-    inv = x_s.slice(320, 64).load(gl.SliceLayout(1, O_L))
-    h = gl.program_id(0) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, O_L))
-    d = HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, O_L))
-    gl.store(o_ptr + t * s_ot + h[:, None] * s_oh + sp * s_os + d[None, :], acc * inv[:, None],
-             eviction_policy="evict_last")
+    mbarrier.arrive(bars.index(8 + wg), count=1)
+    mbarrier.wait(bars.index(9 - wg), 0)
+    return l_i + x_s.slice(320 - 64 * wg, 64).load(ROW_L)
+
+
+@gluon.jit
+def _store_half(acc, l_i, k_s, part_desc, o_ptr, H, t, sp, s_ot, s_oh, s_os, wg: gl.constexpr, SPLITS: gl.constexpr):
+    """Warpgroup wg's half of the split's normalized output. With one split, the float32 output from registers;
+    with more, the bfloat16 partial through shared memory and TMA, whole lines: staged where its own half of c_kv
+    sat in its own stage, which no copy refills any more and the other warpgroup does not read."""
+    o = acc * gl.convert_layout(gl.where(l_i > 0, 1.0 / l_i, 0.0), gl.SliceLayout(1, O_L))[:, None]
+    h0 = gl.program_id(0) * 64
+    if SPLITS > 1:
+        stage = k_s.index(wg).slice(wg * HALF, HALF, dim=1)
+        stage.store(o.to(gl.bfloat16))
+        fence_async_shared()
+        gl.thread_barrier()
+        for j in gl.static_range(EARLY):
+            tma.async_copy_shared_to_global(part_desc, [t * H + h0, sp * DL + wg * HALF + j * 64],
+                                            stage.slice(j * 64, 64, dim=1))
+        tma.store_wait(0)
+    else:
+        h = h0 + gl.arange(0, 64, layout=gl.SliceLayout(1, O_L))
+        d = wg * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, O_L))
+        gl.store(o_ptr + t * s_ot + h[:, None] * s_oh + sp * s_os + d[None, :], o)

@@ -92,6 +92,20 @@ def test_decode_kernel_rows_at_own_slots_and_lengths(keys_major):
         assert rel(out, ref) < 1e-2, (bound, splits)
 
 
+def test_decode_splits_past_a_rows_end(monkeypatch):
+    """Whole key blocks a split can leave a row's last splits empty (260 keys in 8 splits: 6 of 48 keys): those
+    write nothing, and the merge takes only the splits that hold keys (the partials are not initialized)."""
+    dev = _device()
+    monkeypatch.setattr(A, "_sms", lambda device: 8)
+    cfg = dict(TINY_DECODE, WAVES=1)
+    c = case(2, 300, torch.bfloat16, dev)
+    pos, slots = torch.tensor([259], device=dev), torch.tensor([1], device=dev)
+    qn, qp = queries(c, 1, dev)
+    assert A.decode_splits(1, H, 300, torch.device(dev), cfg) == 8
+    out = A.decode_triton(qn, qp, c["kv"], c["pe"], slots, pos, c["w_kb"], c["w_vb"], SCALE, 300, cfg)
+    assert rel(out, reference(qn, qp, c, slots, pos)) < 1e-2
+
+
 def test_decode_split_count_does_not_change_the_result():
     """A row's answer is the same whatever the launch's split count (a graph's span): only its own length counts."""
     dev = _device()
@@ -197,7 +211,8 @@ def test_gpu_decode_hopper_kernel_real_dims():
     ref = torch.stack(ref).cpu()
     hopper = torch.cuda.get_device_capability() == (9, 0) and A.attention_hopper is not None
     for cfg in (A.DECODE, dict(A.DECODE, GLUON=False)):
-        # 22 splits: row 3000's length leaves its last splits past its end (they must write zeros and -inf)
+        # 22 splits: row 3000's length leaves its last splits past its end (they write nothing: the merge takes
+        # only the splits that hold keys)
         for splits in {A.decode_splits(T, Hr, bound, torch.device("cuda"), cfg) for bound in (L, 16384)} | {22}:
             out = A._attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, 1, 64, cfg)
             assert rel(out, ref) < 1e-2, (cfg["GLUON"], splits)

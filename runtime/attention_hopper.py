@@ -10,7 +10,8 @@ choices cost most), on FlashMLA's "seesaw" schedule. A program's two warpgroups 
   each rescales by the factors in turn (mathematically FlashAttention's online softmax).
 Each key block sits in one of two stages as two halves on their own TMA barriers: the half of c_kv that its own
 warpgroup multiplies by its P (early: reloaded as soon as that product is done) and the other half with k_rope (late:
-reloaded once the other warpgroup's product is done); a score chain starts on the early half.
+reloaded once the other warpgroup's product is done); a score chain starts on the early half. At its start a
+program also asks its next AHEAD blocks into L2 (`_prefetch`): their reads start at once, not two blocks at a time.
 Same contract as the Triton kernel for one row a program (TOK = 1): program (head group of 64, split, row), the row's
 length cut as runtime.attention's `_split_range` cuts it, the split's normalized output (with more than one split,
 bfloat16 partials stored by TMA from the shared memory that held its own halves of c_kv) and its log2-sum-exp out; a
@@ -36,6 +37,10 @@ DL = gl.constexpr(512)
 DR = gl.constexpr(64)
 HALF = gl.constexpr(DL.value // 2)     # the output's columns a warpgroup holds, c_kv's half a TMA barrier covers
 EARLY = gl.constexpr(HALF.value // 64)  # 64-wide pieces of a half: MMAs of a score chain's early half
+# key blocks of a split asked into L2 at its start, past the two in shared memory: a grid (a program an SM, two
+# head groups reading the same keys) then has at most 66 splits x 10 blocks of 72 KiB (46 MiB) under way, within
+# the H200's 60 MiB of L2
+AHEAD = 8
 # each warpgroup's registers: a block's 64 x 64 scores (rows: heads), its half of the 64 x 512 output, P as an operand
 S_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N.value, 16]))
 O_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF.value, 16]))
@@ -65,17 +70,18 @@ def split(q_lat, q_rope, kv, pe, slots, pos, qk_scale: float, part, lse, min_key
                                      layout)
     else:               # not used: one split stores the float32 output from registers
         part_desc = kv_desc
-    args = (q_lat, q_rope, kv_desc, pe_desc, part_desc, slots, pos, part, lse, H, L, qk_scale,
+    args = (q_lat, q_rope, kv, pe, kv_desc, pe_desc, part_desc, slots, pos, part, lse, H, L, qk_scale,
             q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
             part.stride(0), part.stride(1), part.stride(2), min_keys)
     # warpgroup 0 is the kernel's 4 warps, warpgroup 1 a 4-warp partition (`R1` registers a thread, it holds half
     # the output's accumulator)
-    _split_kernel[(H // 64, splits, T)](*args, SPLITS=splits, R1=232, num_warps=4)
+    _split_kernel[(H // 64, splits, T)](*args, SPLITS=splits, AHEAD=AHEAD, R1=232, num_warps=4)
 
 
 @gluon.jit
-def _split_kernel(q_ptr, qr_ptr, kv_desc, pe_desc, part_desc, slot_ptr, pos_ptr, o_ptr, lse_ptr, H, L, qk_scale,
-                  s_qt, s_qh, s_rt, s_rh, s_ot, s_oh, s_os, MIN_KEYS, SPLITS: gl.constexpr, R1: gl.constexpr):
+def _split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, kv_desc, pe_desc, part_desc, slot_ptr, pos_ptr, o_ptr, lse_ptr, H,
+                  L, qk_scale, s_qt, s_qh, s_rt, s_rh, s_ot, s_oh, s_os, MIN_KEYS, SPLITS: gl.constexpr,
+                  AHEAD: gl.constexpr, R1: gl.constexpr):
     t = gl.program_id(2)
     sp = gl.program_id(1)
     # the merge (runtime.attention's, launched as a programmatic dependent) may start launching now: it waits for
@@ -101,15 +107,15 @@ def _split_kernel(q_ptr, qr_ptr, kv_desc, pe_desc, part_desc, slot_ptr, pos_ptr,
     per = ((length + n - 1) // n + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     start = sp * per
     if start < length:      # the splits that hold keys (the merge takes as many)
-        _split_body(q_s, kv_desc, pe_desc, part_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp, start,
-                    gl.minimum(length, start + per), slot * L, SPLITS, R1)
+        _split_body(q_s, kv_ptr, pe_ptr, kv_desc, pe_desc, part_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os,
+                    t, sp, start, gl.minimum(length, start + per), slot * L, SPLITS, AHEAD, R1)
     else:
         async_copy.wait_group(0)
 
 
 @gluon.jit
-def _split_body(q_s, kv_desc, pe_desc, part_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t, sp, start, end,
-                row0, SPLITS: gl.constexpr, R1: gl.constexpr):
+def _split_body(q_s, kv_ptr, pe_ptr, kv_desc, pe_desc, part_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t,
+                sp, start, end, row0, SPLITS: gl.constexpr, AHEAD: gl.constexpr, R1: gl.constexpr):
     wide: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DL], gl.bfloat16)
     k_s = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, DL], wide)
     # a block's k_rope, then (once its scores are done) its P for the other warpgroup
@@ -124,6 +130,7 @@ def _split_body(q_s, kv_desc, pe_desc, part_desc, o_ptr, lse_ptr, H, qk_scale, s
     for st in gl.static_range(2):      # the first round's blocks (block 1 read and masked where steps == 1)
         _load_half(kv_desc, pe_desc, k_s, r_s, bars, st, 0, row0 + start + st * BLOCK_N)
         _load_half(kv_desc, pe_desc, k_s, r_s, bars, st, 1, row0 + start + st * BLOCK_N)
+    _prefetch(kv_ptr, pe_ptr, row0, start + 2 * BLOCK_N, end, AHEAD)     # the next ones, into L2
     async_copy.wait_group(0)
     fence_async_shared()
     gl.thread_barrier()
@@ -151,6 +158,24 @@ def _load_half(kv_desc, pe_desc, k_s, r_s, bars, st: gl.constexpr, late: gl.cons
         tma.async_copy_global_to_shared(kv_desc, [row, lo + j * 64], bar, kb.slice(lo + j * 64, 64, dim=1))
     if late:
         tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, r_s.index(st))
+
+
+@gluon.jit
+def _prefetch(kv_ptr, pe_ptr, row0, k0, end, blocks: gl.constexpr):
+    """Keys [k0, min(end, k0 + `blocks` key blocks)) of the slot at cache row row0 asked into L2 by one thread (c_kv's
+    and k_rope's rows, each contiguous: two bulk prefetches, which nothing waits for), in the first head group's
+    program only (the others read the same keys). Two stages in shared memory keep at most two blocks of a program's
+    HBM reads under way; these start the next ones at once, so their TMA copies find them in L2. Predicated in the
+    PTX, not by a branch: a branch here makes the warpgroups' partitions spill. A window asked again each round
+    measured slower (BENCHMARKS.md)."""
+    keys = gl.maximum(gl.minimum(end - k0, blocks * BLOCK_N), 0) * (gl.program_id(0) == 0).to(gl.int32)
+    row = (row0 + k0).to(gl.int64)
+    gl.inline_asm_elementwise(
+        "{ .reg .pred p, q; .reg .b32 t; mov.u32 t, %tid.x; and.b32 t, t, 127; setp.ne.u32 q, $3, 0; "
+        "setp.eq.and.u32 p, t, 0, q; @p cp.async.bulk.prefetch.L2.global [$1], $3; "
+        "@p cp.async.bulk.prefetch.L2.global [$2], $4; mov.u32 $0, 0; }", "=r,l,l,r,r",
+        [kv_ptr + row * DL, pe_ptr + row * DR, keys * (DL * 2), keys * (DR * 2)], dtype=gl.int32, is_pure=False,
+        pack=1)
 
 
 @gluon.jit

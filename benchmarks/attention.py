@@ -5,8 +5,9 @@ runtime.attention on DeepSeek-V3's MLA shape (128 heads, kv_lora 512, rope 64, n
 
 Decode: a step of B = 1, 4, 16 rows at position P = 1K, 8K, 32K, 128K (each row its own slot, all at P), timed as
 `step` (mla_attend as the model calls it: absorb q through W_kb, the split-KV kernel and its combine, W_vb) and as
-`kernel` (the two kernels alone), each captured R times into a CUDA graph whose calls cycle through enough slots to
-exceed 3x the L2 (every layer reads its own cache), median of replays. GB/s = the cache bytes the rows must read
+`kernel` (the two kernels alone), each captured into a CUDA graph whose calls cycle (whole cycles) through enough
+slots to exceed 3x the L2 (every layer reads its own cache), median of replays, each queued behind another (the
+host's launch of the graph is not in the time). GB/s = the cache bytes the rows must read
 (B x P x 576 x 2) over the kernel time, against a 2 GiB device copy (read + written) in the same run. `span`: the
 step at 1K under a graph span (bound) of 128K, over the one at span 1K: the kernel follows each row's length, not
 the span. Check first: real shapes against a float64 reference, outputs poisoned.
@@ -93,7 +94,7 @@ def time_decode(w_kb, w_vb, B: int, P: int, bound: int, cfg: dict = A.DECODE) ->
     pos = torch.full((B,), P - 1, dtype=torch.long, device=dev)
     slot_sets = [torch.arange(i * B, (i + 1) * B, device=dev) for i in range(copies)]
     qn, qp = torch.randn(B, H, NOPE, device=dev), torch.randn(B, H, DR, device=dev)
-    calls = max(copies, 8)
+    calls = copies * -(-8 // copies)         # whole cycles: a replay after a replay rereads no recent slot
     step = G.graph_time(lambda i: A.decode_triton(qn, qp, kv, pe, slot_sets[i % copies], pos, w_kb, w_vb, SCALE,
                                                   bound, cfg), calls)
     q_lat, q_rope = A._absorb(qn, qp, w_kb)

@@ -38,9 +38,9 @@ DR = gl.constexpr(64)
 HALF = gl.constexpr(DL.value // 2)     # the output's columns a warpgroup holds, c_kv's half a TMA barrier covers
 EARLY = gl.constexpr(HALF.value // 64)  # 64-wide pieces of a half: MMAs of a score chain's early half
 # key blocks of a split asked into L2 at its start, past the two in shared memory: a grid (a program an SM, two
-# head groups reading the same keys) then has at most 66 splits x 10 blocks of 72 KiB (46 MiB) under way, within
-# the H200's 60 MiB of L2
-AHEAD = 8
+# head groups reading the same keys) then has at most 66 splits x 8 blocks of 72 KiB (37 MiB) under way, within an
+# H100's 50 MiB of L2 as well as an H200's 60 (8 measured no faster than 6 on the H200: BENCHMARKS.md)
+AHEAD = 6
 # each warpgroup's registers: a block's 64 x 64 scores (rows: heads), its half of the 64 x 512 output, P as an operand
 S_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N.value, 16]))
 O_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF.value, 16]))

@@ -40,7 +40,7 @@ EARLY = gl.constexpr(HALF.value // 64)  # 64-wide pieces of a half: MMAs of a sc
 # key blocks of a split asked into L2 at its start, past the two in shared memory: a grid (a program an SM, two
 # head groups reading the same keys) then has at most 66 splits x 8 blocks of 72 KiB (37 MiB) under way, within an
 # H100's 50 MiB of L2 as well as an H200's 60 (8 measured no faster than 6 on the H200: BENCHMARKS.md)
-AHEAD = 6
+AHEAD = gl.constexpr(6)
 # each warpgroup's registers: a block's 64 x 64 scores (rows: heads), its half of the 64 x 512 output, P as an operand
 S_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N.value, 16]))
 O_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF.value, 16]))
@@ -75,13 +75,13 @@ def split(q_lat, q_rope, kv, pe, slots, pos, qk_scale: float, part, lse, min_key
             part.stride(0), part.stride(1), part.stride(2), min_keys)
     # warpgroup 0 is the kernel's 4 warps, warpgroup 1 a 4-warp partition (`R1` registers a thread, it holds half
     # the output's accumulator)
-    _split_kernel[(H // 64, splits, T)](*args, SPLITS=splits, AHEAD=AHEAD, R1=232, num_warps=4)
+    _split_kernel[(H // 64, splits, T)](*args, SPLITS=splits, R1=232, num_warps=4)
 
 
 @gluon.jit
 def _split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, kv_desc, pe_desc, part_desc, slot_ptr, pos_ptr, o_ptr, lse_ptr, H,
                   L, qk_scale, s_qt, s_qh, s_rt, s_rh, s_ot, s_oh, s_os, MIN_KEYS, SPLITS: gl.constexpr,
-                  AHEAD: gl.constexpr, R1: gl.constexpr):
+                  R1: gl.constexpr):
     t = gl.program_id(2)
     sp = gl.program_id(1)
     # the merge (runtime.attention's, launched as a programmatic dependent) may start launching now: it waits for
@@ -108,14 +108,14 @@ def _split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, kv_desc, pe_desc, part_desc, sl
     start = sp * per
     if start < length:      # the splits that hold keys (the merge takes as many)
         _split_body(q_s, kv_ptr, pe_ptr, kv_desc, pe_desc, part_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os,
-                    t, sp, start, gl.minimum(length, start + per), slot * L, SPLITS, AHEAD, R1)
+                    t, sp, start, gl.minimum(length, start + per), slot * L, SPLITS, R1)
     else:
         async_copy.wait_group(0)
 
 
 @gluon.jit
 def _split_body(q_s, kv_ptr, pe_ptr, kv_desc, pe_desc, part_desc, o_ptr, lse_ptr, H, qk_scale, s_ot, s_oh, s_os, t,
-                sp, start, end, row0, SPLITS: gl.constexpr, AHEAD: gl.constexpr, R1: gl.constexpr):
+                sp, start, end, row0, SPLITS: gl.constexpr, R1: gl.constexpr):
     wide: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DL], gl.bfloat16)
     k_s = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, DL], wide)
     # a block's k_rope, then (once its scores are done) its P for the other warpgroup

@@ -4,11 +4,13 @@ runtime.attention on DeepSeek-V3's MLA shape (128 heads, kv_lora 512, rope 64, n
     python benchmarks/attention.py [--json out.json] [--quick] [--sweep]
 
 Decode: a step of B = 1, 4, 16 rows at position P = 1K, 8K, 32K, 128K (each row its own slot, all at P), timed as
-`step` (mla_attend as the model calls it: absorb q through W_kb, the split-KV kernel and its combine, W_vb) and as
-`kernel` (the two kernels alone), each captured into a CUDA graph whose calls cycle (whole cycles) through enough
-slots to exceed 3x the L2 (every layer reads its own cache), median of replays, each queued behind another (the
-host's launch of the graph is not in the time). GB/s = the cache bytes the rows must read
-(B x P x 576 x 2) over the kernel time, against a 2 GiB device copy (read + written) in the same run. `span`: the
+`step` (mla_attend as the model calls it: absorb q through W_kb, the split-KV kernel, its merge, W_vb; for one row
+the merge rides in the W_vb product, and the step is timed with the merge apart too), `kernel` (the split kernel and
+its merge as two kernels) and `split` (the split kernel alone), each captured into a CUDA graph whose calls cycle
+(whole cycles) through enough slots to exceed 3x the L2 (every layer reads its own cache), median of replays, each
+queued behind another (the host's launch of the graph is not in the time). `attention` = kernel, less what the
+merge in W_vb saves the step (step with the merge apart - step). GB/s = the cache bytes the rows must read
+(B x P x 576 x 2) over the attention time, against a 2 GiB device copy (read + written) in the same run. `span`: the
 step at 1K under a graph span (bound) of 128K, over the one at span 1K: the kernel follows each row's length, not
 the span. Check first: real shapes against a float64 reference, outputs poisoned.
 Prefill: chunks of 512, 2K, 8K tokens at offsets 0 and 24K through the forms (SDPA on the expanded form, the
@@ -71,8 +73,12 @@ def check(w_kb, w_vb) -> float:
 
     pos, slots = torch.tensor([4999, 17, 1300], device=dev), torch.tensor([1, 2, 0], device=dev)
     qn, qp = torch.randn(3, H, NOPE, device=dev), torch.randn(3, H, DR, device=dev)
+    rows = [ref(qn[i], qp[i], int(slots[i]), int(pos[i])) for i in range(3)]
     out = A.mla_attend(qn, qp, kv, pe, slots, pos, w_kb, w_vb, SCALE, 5000)
-    worst = max(worst, err(out, [ref(qn[i], qp[i], int(slots[i]), int(pos[i])) for i in range(3)]))
+    worst = max(worst, err(out, rows))
+    for i in range(3):                              # one row: the merge inside the W_vb product (merge_vb)
+        out = A.mla_attend(qn[i:i + 1], qp[i:i + 1], kv, pe, slots[i:i + 1], pos[i:i + 1], w_kb, w_vb, SCALE, 5000)
+        worst = max(worst, err(out, rows[i:i + 1]))
     A.EXPAND_KEYS, keys = 1024, A.EXPAND_KEYS
     for p0, T in [(0, 700), (4000, 1000), (4900, 100)]:
         qn, qp = torch.randn(T, H, NOPE, device=dev), torch.randn(T, H, DR, device=dev)
@@ -88,24 +94,34 @@ def check(w_kb, w_vb) -> float:
 
 
 def time_decode(w_kb, w_vb, B: int, P: int, bound: int, cfg: dict = A.DECODE) -> dict:
-    """Step and kernel times of B rows at position P - 1 (P keys each), the launch's span `bound`."""
+    """Step and kernel times of B rows at position P - 1 (P keys each), the launch's span `bound`. Where the merge
+    rides in the W_vb product (merge_vb), the step is also timed with it as a kernel of its own (`step_sep_us`), and
+    attention's time (`attn_us`) is its two kernels' less what the fused merge saves the step; elsewhere it is the
+    two kernels' time."""
     copies = max(1, -(-3 * G.L2 // (B * P * ROW)))
     kv, pe = caches(B * copies, max(P, 1))
     pos = torch.full((B,), P - 1, dtype=torch.long, device=dev)
     slot_sets = [torch.arange(i * B, (i + 1) * B, device=dev) for i in range(copies)]
     qn, qp = torch.randn(B, H, NOPE, device=dev), torch.randn(B, H, DR, device=dev)
     calls = copies * -(-8 // copies)         # whole cycles: a replay after a replay rereads no recent slot
-    step = G.graph_time(lambda i: A.decode_triton(qn, qp, kv, pe, slot_sets[i % copies], pos, w_kb, w_vb, SCALE,
-                                                  bound, cfg), calls)
-    q_lat, q_rope = A._absorb(qn, qp, w_kb)
+
+    def step(c):
+        return G.graph_time(lambda i: A.decode_triton(qn, qp, kv, pe, slot_sets[i % copies], pos, w_kb, w_vb, SCALE,
+                                                      bound, c), calls)
     splits = A.decode_splits(B, H, bound, dev, cfg)
+    fused = splits > 1 and B <= cfg["MERGE_VB_ROWS"]
+    t_step = step(cfg)
+    t_sep = step(dict(cfg, MERGE_VB_ROWS=0)) if fused else t_step
+    q_lat, q_rope = A._absorb(qn, qp, w_kb)
     kernel = G.graph_time(lambda i: A._attend_latent(q_lat, q_rope, kv, pe, slot_sets[i % copies], pos, SCALE,
                                                      splits, 1, cfg["BLOCK_H"], cfg), calls)
     split = G.graph_time(lambda i: A._attend_latent(q_lat, q_rope, kv, pe, slot_sets[i % copies], pos, SCALE,
                                                     splits, 1, cfg["BLOCK_H"], cfg, combine=False), calls)
     del kv, pe
-    return {"B": B, "P": P, "bound": bound, "splits": splits, "step_us": step * 1e6, "kernel_us": kernel * 1e6,
-            "split_us": split * 1e6, "gbs": B * P * ROW / kernel / 1e9}
+    attn = kernel - (t_sep - t_step)
+    return {"B": B, "P": P, "bound": bound, "splits": splits, "merge_vb": fused, "step_us": t_step * 1e6,
+            "step_sep_us": t_sep * 1e6, "attn_us": attn * 1e6, "kernel_us": kernel * 1e6, "split_us": split * 1e6,
+            "gbs": B * P * ROW / attn / 1e9}
 
 
 def event_time(fn, reps: int = 5) -> float:
@@ -197,14 +213,16 @@ def main():
             except Exception as e:
                 sweep["prefill"].append({"cfg": cfg, "error": str(e).splitlines()[0][:200]})
 
-    print("\ndecode (span = P):   B       P  splits   step us  kernel us  (split)    GB/s  %copy   step/step@1K")
+    print("\ndecode (span = P):   B       P  splits  merge    step us  (merge apart)  kernel us  (split)  "
+          "attention us    GB/s  %copy   step/step@1K")
     first = {}
     for r in decode:                                          # each B's step at the shortest context
         first.setdefault(r["B"], r["step_us"])
     for r in decode:
-        print(f"{'':20s}{r['B']:3d} {r['P']:7d} {r['splits']:7d} {r['step_us']:9.1f} {r['kernel_us']:10.1f} "
-              f"{r['split_us']:8.1f} "
-              f"{r['gbs']:7.0f} {100 * r['gbs'] / ceil['copy_gbs']:6.1f} {r['step_us'] / first[r['B']]:14.2f}")
+        print(f"{'':20s}{r['B']:3d} {r['P']:7d} {r['splits']:7d} {'in W_vb' if r['merge_vb'] else 'apart':>7s} "
+              f"{r['step_us']:8.1f} {r['step_sep_us']:14.1f} {r['kernel_us']:10.1f} {r['split_us']:8.1f} "
+              f"{r['attn_us']:13.1f} {r['gbs']:7.0f} {100 * r['gbs'] / ceil['copy_gbs']:6.1f} "
+              f"{r['step_us'] / first[r['B']]:14.2f}")
     for B, r in span.items():
         print(f"span 128K at 1K, B={B:2d}: step {r['step_us']:.1f} us ({r['splits']} splits), "
               f"{r['step_us'] / first[B]:.2f}x the step at span 1K")

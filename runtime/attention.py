@@ -16,7 +16,8 @@ On a GPU the same call takes Triton kernels on the absorbed form, or torch's fla
   its keys; each key block (c_kv and k_rope, bf16) is loaded once for all of them and serves both products
   (scores against [q_lat, q_pe], then P @ c_kv), float32 accumulators. The keys are split across programs for
   parallelism and a second kernel merges the splits by their log-sum-exp (on sm_90 a programmatic dependent launch:
-  it starts while the split kernel's last programs run). Each row reads its slot and position from device memory
+  it starts while the split kernel's last programs run); for a single row (`merge_vb`) that kernel also applies
+  W_vb, so the merge's reads ride on the stream of W_vb. Each row reads its slot and position from device memory
   and splits its own true length, so a step is a fixed pair of launches (a CUDA graph captures it)
   whose cost follows the context, not the graph's span: a program past its row's length loads and writes nothing.
   On sm_90 at DeepSeek's shapes the split kernel is runtime.attention_hopper's (Gluon: TMA, no score computed
@@ -68,7 +69,9 @@ LOG2E = 1.4426950408889634
 DECODE = dict(BLOCK_H=64, BLOCK_N=64, MIN_KEYS=128, WAVES=1, KEYS_MAJOR=False, num_warps=8, num_stages=2,
               GLUON=True,        # GLUON: attention_hopper's kernel where it applies (sm_90, DeepSeek's shapes)
               MERGE_WARPS=1,     # the merge's programs: one warp each (many small programs in flight)
-              MERGE_TILE=4096)   # partials a merge program takes (all splits x a piece of kv_lora)
+              MERGE_TILE=4096,   # partials a merge program takes (all splits x a piece of kv_lora)
+              MERGE_VB_ROWS=1,   # up to this many rows the merge rides in the output's W_vb product (merge_vb):
+              MERGE_VB_TILE=16384, MERGE_VB_WARPS=8)     # a program a (row, head), each reading all of W_vb[h]
 PREFILL = dict(ROWS=64, BLOCK_N=64, KEYS_MAJOR=False, num_warps=8, num_stages=2)
 
 
@@ -136,6 +139,9 @@ def decode_triton(q_nope, q_pe, kv, pe, slots, pos, w_kb, w_vb, scale, bound=Non
     q_lat, q_rope = _absorb(q_nope, q_pe, w_kb)
     keys = bound if bound is not None else kv.shape[1]
     splits = decode_splits(T, H, keys, q_nope.device, cfg)
+    if splits > 1 and T <= cfg["MERGE_VB_ROWS"]:
+        part, lse = _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, 1, cfg["BLOCK_H"], cfg, False)
+        return merge_vb(part, lse, pos, w_vb, cfg)
     o = _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, 1, cfg["BLOCK_H"], cfg)
     return _unabsorb(o, w_vb)
 
@@ -153,7 +159,7 @@ def prefill_triton(q_nope, q_pe, kv, pe, slot: int, pos, w_kb, w_vb, scale, cfg:
 
 def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_h, cfg, combine: bool = True):
     """Softmax(q_lat c_kv^T + q_rope k_rope^T) c_kv per row and head, float32 (T, H, kv_lora). `combine=False`
-    (benchmarks: the split kernel's time alone) leaves the splits unmerged."""
+    leaves the splits unmerged and returns them, (partials, log2-sum-exps) (see `merge_vb`)."""
     T, H, DL = q_lat.shape
     DR = q_rope.shape[-1]
     assert kv.stride(-1) == 1 and pe.stride(-1) == 1 and kv.dtype == pe.dtype == torch.bfloat16, "bf16 cache rows"
@@ -183,6 +189,24 @@ def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_
             part, lse, pos, out, part.stride(0), part.stride(1), part.stride(2), cfg["MIN_KEYS"], DL=DL,
             SPLITS=splits, SPLITS_P2=p2, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, PDL=pdl, num_warps=cfg["MERGE_WARPS"],
             **({"launch_pdl": True} if pdl else {}))
+    return out if combine else (part, lse)
+
+
+def merge_vb(part, lse, pos, w_vb, cfg: dict = DECODE):
+    """The decode step's output (T, H, v) float32 from the split kernel's partials (T, H, splits, kv_lora) and
+    log2-sum-exps: each row's splits merged and multiplied by W_vb in one kernel (`_merge_vb_kernel`)."""
+    T, H, splits, DL = part.shape
+    DV = w_vb.shape[1]
+    assert w_vb.stride(-1) == 1 and part.is_contiguous(), "kv_lora contiguous in W_vb and the partials"
+    out = torch.empty(T, H, DV, dtype=torch.float32, device=part.device)
+    p2, v2 = triton.next_power_of_2(splits), triton.next_power_of_2(DV)
+    block_c = max(16, min(triton.next_power_of_2(DL), cfg["MERGE_VB_TILE"] // max(p2, v2)))
+    pdl = _pdl(part.device)
+    _merge_vb_kernel[(T, H)](
+        part, lse, pos, w_vb, out, part.stride(0), part.stride(1), part.stride(2), w_vb.stride(0), w_vb.stride(1),
+        out.stride(0), out.stride(1), cfg["MIN_KEYS"], DL=DL, DV=DV, SPLITS=splits, SPLITS_P2=p2, DV_P2=v2,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_C=block_c, PDL=pdl, num_warps=cfg["MERGE_VB_WARPS"],
+        **({"launch_pdl": True} if pdl else {}))
     return out
 
 
@@ -311,6 +335,15 @@ def _mla_split_kernel(q_ptr, qr_ptr, kv_ptr, pe_ptr, slot_ptr, pos_ptr, o_ptr, l
 
 
 @triton.jit
+def _lse_weights(lse):
+    """The splits' weights in a row's merge from their log2-sum-exps (-inf where a split holds no keys: weight 0),
+    relative to the largest, and their sum."""
+    m = tl.max(lse, axis=0)
+    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    return w, tl.sum(w, axis=0)
+
+
+@triton.jit
 def _mla_combine_kernel(part_ptr, lse_ptr, pos_ptr, out_ptr, s_ot, s_oh, s_os, MIN_KEYS,
                         DL: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, PDL: tl.constexpr):
@@ -327,15 +360,50 @@ def _mla_combine_kernel(part_ptr, lse_ptr, pos_ptr, out_ptr, s_ot, s_oh, s_os, M
         gdc_wait()
     s = tl.arange(0, SPLITS_P2)
     lse = tl.load(lse_ptr + (t * H + h) * SPLITS + s, mask=s < active, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m)
-    total = tl.sum(w, axis=0)
+    w, total = _lse_weights(lse)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     part = tl.load(part_ptr + t.to(tl.int64) * s_ot + h * s_oh + s[:, None] * s_os + d[None, :],
                    mask=(s < active)[:, None] & (d < DL)[None, :], other=0.0).to(tl.float32)
     acc = tl.sum(part * w[:, None], axis=0)
     tl.store(out_ptr + (t.to(tl.int64) * H + h) * DL + d, acc / tl.where(total > 0, total, 1.0), mask=d < DL)
+
+
+@triton.jit
+def _merge_vb_kernel(part_ptr, lse_ptr, pos_ptr, w_ptr, out_ptr, s_pt, s_ph, s_ps, s_wh, s_wv, s_ot, s_oh, MIN_KEYS,
+                     DL: tl.constexpr, DV: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                     DV_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    """Program (row, head): the row's active splits merged by their log2-sum-exp (as `_mla_combine_kernel`), a
+    piece of BLOCK_C latent values at a time, each piece multiplied into W_vb[h] (DV x DL) at once: the merged
+    latent output never goes to memory, and the partials' reads (from L2, just written) ride on the stream of W_vb
+    that the output product reads anyway. The next piece's loads are issued before this one's sums; W_vb's first
+    piece before the wait for the split kernel (PDL), which does not write it."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    H = tl.num_programs(1)
+    length = tl.load(pos_ptr + t) + 1
+    _, _, active = _split_range(length, 0, MIN_KEYS, SPLITS, BLOCK_N)
+    s = tl.arange(0, SPLITS_P2)
+    c = tl.arange(0, BLOCK_C)
+    v = tl.arange(0, DV_P2)
+    w_rows = w_ptr + h * s_wh + v[:, None] * s_wv
+    p_rows = part_ptr + t.to(tl.int64) * s_pt + h * s_ph + s[:, None] * s_ps
+    w_ok, p_ok = (v < DV)[:, None], (s < active)[:, None]
+    w = tl.load(w_rows + c[None, :], mask=w_ok & (c < DL)[None, :], other=0.0)
+    if PDL:
+        gdc_wait()
+    p = tl.load(p_rows + c[None, :], mask=p_ok & (c < DL)[None, :], other=0.0)
+    lse = tl.load(lse_ptr + (t * H + h) * SPLITS + s, mask=s < active, other=float("-inf"))
+    wgt, total = _lse_weights(lse)
+    wgt = wgt / tl.where(total > 0, total, 1.0)
+    acc = tl.zeros([DV_P2], tl.float32)
+    for c0 in range(0, DL, BLOCK_C):
+        nxt = c0 + BLOCK_C + c
+        w_next = tl.load(w_rows + nxt[None, :], mask=w_ok & (nxt < DL)[None, :], other=0.0)
+        p_next = tl.load(p_rows + nxt[None, :], mask=p_ok & (nxt < DL)[None, :], other=0.0)
+        o = tl.sum(p.to(tl.float32) * wgt[:, None], axis=0)
+        acc += tl.sum(w.to(tl.float32) * o[None, :], axis=1)
+        w, p = w_next, p_next
+    tl.store(out_ptr + t * s_ot + h * s_oh + v, acc, mask=v < DV)
 
 
 def prefill_sdpa(q_nope, q_pe, kv, pe, slot: int, end: int, w_kb, w_vb, scale):

@@ -122,6 +122,25 @@ def test_decode_split_count_does_not_change_the_result():
         assert rel(out, ref) < 1e-2
 
 
+def test_decode_merge_in_the_output_product():
+    """Up to MERGE_VB_ROWS rows the splits are merged inside the W_vb product (merge_vb); the same rows (at block
+    and split edges, several slots) through the separate merge and output product agree, and both match float64.
+    The fused path keeps float32 where the separate one rounds the merged output and the product to bfloat16."""
+    dev = _device()
+    c = case(4, 300, torch.bfloat16, dev)
+    pos = torch.tensor(DECODE_POS, device=dev)
+    slots = torch.tensor([3, 0, 2, 1, 0, 3, 2, 1], device=dev)
+    qn, qp = queries(c, len(pos), dev)
+    ref = reference(qn, qp, c, slots, pos)
+    outs = []
+    for rows in (0, len(pos)):
+        cfg = dict(TINY_DECODE, MERGE_VB_ROWS=rows, MERGE_VB_TILE=256)    # pieces of 16 latent values: 4 a row
+        assert A.decode_splits(len(pos), H, 300, torch.device(dev), cfg) > 1
+        outs.append(A.decode_triton(qn, qp, c["kv"], c["pe"], slots, pos, c["w_kb"], c["w_vb"], SCALE, 300, cfg))
+    assert rel(outs[1], ref) < rel(outs[0], ref) < 1e-2
+    assert rel(outs[1], outs[0].cpu().double()) < 1e-2
+
+
 @pytest.mark.parametrize("p0,T,keys_major", [(0, 24, False), (37, 30, False), (37, 30, True)])
 def test_prefill_kernel_chunk_with_offset(p0, T, keys_major):
     dev = _device()

@@ -109,7 +109,7 @@ def time_decode(w_kb, w_vb, B: int, P: int, bound: int, cfg: dict = A.DECODE) ->
         return G.graph_time(lambda i: A.decode_triton(qn, qp, kv, pe, slot_sets[i % copies], pos, w_kb, w_vb, SCALE,
                                                       bound, c), calls)
     splits = A.decode_splits(B, H, bound, dev, cfg)
-    fused = splits > 1 and B <= cfg["MERGE_VB_ROWS"]
+    fused = A.merges_in_vb(B, splits, cfg)
     t_step = step(cfg)
     t_sep = step(dict(cfg, MERGE_VB_ROWS=0)) if fused else t_step
     q_lat, q_rope = A._absorb(qn, qp, w_kb)

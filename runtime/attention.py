@@ -139,11 +139,16 @@ def decode_triton(q_nope, q_pe, kv, pe, slots, pos, w_kb, w_vb, scale, bound=Non
     q_lat, q_rope = _absorb(q_nope, q_pe, w_kb)
     keys = bound if bound is not None else kv.shape[1]
     splits = decode_splits(T, H, keys, q_nope.device, cfg)
-    if splits > 1 and T <= cfg["MERGE_VB_ROWS"]:
+    if merges_in_vb(T, splits, cfg):
         part, lse = _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, 1, cfg["BLOCK_H"], cfg, False)
         return merge_vb(part, lse, pos, w_vb, cfg)
     o = _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, 1, cfg["BLOCK_H"], cfg)
     return _unabsorb(o, w_vb)
+
+
+def merges_in_vb(T: int, splits: int, cfg: dict = DECODE) -> bool:
+    """Whether a decode launch of T rows in `splits` splits merges them inside the W_vb product (merge_vb)."""
+    return splits > 1 and T <= cfg["MERGE_VB_ROWS"]
 
 
 def prefill_triton(q_nope, q_pe, kv, pe, slot: int, pos, w_kb, w_vb, scale, cfg: dict = PREFILL):

@@ -70,7 +70,8 @@ DECODE = dict(BLOCK_H=64, BLOCK_N=64, MIN_KEYS=128, WAVES=1, KEYS_MAJOR=False, n
               GLUON=True,        # GLUON: attention_hopper's kernel where it applies (sm_90, DeepSeek's shapes)
               MERGE_WARPS=1,     # the merge's programs: one warp each (many small programs in flight)
               MERGE_TILE=4096,   # partials a merge program takes (all splits x a piece of kv_lora)
-              MERGE_VB_ROWS=1,   # up to this many rows the merge rides in the output's W_vb product (merge_vb):
+              MERGE_VB_ROWS=1,   # up to this many rows the merge rides in the output's W_vb product (merge_vb),
+              MERGE_VB_SPLITS=16,  # from this many splits (fewer: a small merge, and torch's product is faster)
               MERGE_VB_TILE=16384, MERGE_VB_WARPS=8)     # a program a (row, head), each reading all of W_vb[h]
 PREFILL = dict(ROWS=64, BLOCK_N=64, KEYS_MAJOR=False, num_warps=8, num_stages=2)
 
@@ -148,7 +149,7 @@ def decode_triton(q_nope, q_pe, kv, pe, slots, pos, w_kb, w_vb, scale, bound=Non
 
 def merges_in_vb(T: int, splits: int, cfg: dict = DECODE) -> bool:
     """Whether a decode launch of T rows in `splits` splits merges them inside the W_vb product (merge_vb)."""
-    return splits > 1 and T <= cfg["MERGE_VB_ROWS"]
+    return splits > 1 and splits >= cfg["MERGE_VB_SPLITS"] and T <= cfg["MERGE_VB_ROWS"]
 
 
 def prefill_triton(q_nope, q_pe, kv, pe, slot: int, pos, w_kb, w_vb, scale, cfg: dict = PREFILL):

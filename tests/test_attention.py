@@ -134,7 +134,7 @@ def test_decode_merge_in_the_output_product():
     ref = reference(qn, qp, c, slots, pos)
     outs = []
     for rows in (0, len(pos)):
-        cfg = dict(TINY_DECODE, MERGE_VB_ROWS=rows, MERGE_VB_TILE=256)    # pieces of 16 latent values: 4 a row
+        cfg = dict(TINY_DECODE, MERGE_VB_ROWS=rows, MERGE_VB_SPLITS=2, MERGE_VB_TILE=256)   # pieces of 16 values
         assert A.decode_splits(len(pos), H, 300, torch.device(dev), cfg) > 1
         outs.append(A.decode_triton(qn, qp, c["kv"], c["pe"], slots, pos, c["w_kb"], c["w_vb"], SCALE, 300, cfg))
     assert rel(outs[1], ref) < rel(outs[0], ref) < 1e-2

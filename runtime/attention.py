@@ -169,7 +169,8 @@ def _attend_latent(q_lat, q_rope, kv, pe, slots, pos, scale, splits, tok, block_
     T, H, DL = q_lat.shape
     DR = q_rope.shape[-1]
     assert kv.stride(-1) == 1 and pe.stride(-1) == 1 and kv.dtype == pe.dtype == torch.bfloat16, "bf16 cache rows"
-    out = torch.empty(T, H, DL, dtype=torch.float32, device=q_lat.device)
+    # the output: written by the merge, or by the split kernel itself with one split (merge_vb's path writes none)
+    out = torch.empty(T, H, DL, dtype=torch.float32, device=q_lat.device) if combine or splits == 1 else None
     if splits > 1:
         # bfloat16 partials: they cross L2 twice (written, merged), so their bytes cost most at one row
         part = torch.empty(T, H, splits, DL, dtype=torch.bfloat16, device=q_lat.device)
